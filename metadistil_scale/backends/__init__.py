@@ -1,0 +1,1 @@
+"""Execution backends: plain torch and DeepSpeed."""

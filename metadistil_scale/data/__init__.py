@@ -1,0 +1,1 @@
+"""Text and image data: the embedded default task, GLUE, quiz split, collation."""
