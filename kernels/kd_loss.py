@@ -1,0 +1,551 @@
+"""Fused knowledge-distillation loss: alpha*CE(z_s, y) + (1-alpha)*soft(z_s, z_t; T).
+
+Two implementations behind one functional entry point:
+
+* Triton (CUDA, or CPU under TRITON_INTERPRET=1): one program per row streams the class axis in
+  blocks with an online softmax for teacher, tempered student and untempered student; a second pass
+  writes d loss / d z_s straight into a buffer of the logits' dtype. No [N, V] fp32 temporary exists.
+* torch (everywhere): the same maths over row chunks, so fp32 temporaries exist only per chunk.
+
+Both compute the gradient during forward and store it; backward only scales it by grad_output
+(the Liger-Kernel pattern). The teacher logits are treated as constants: no gradient reaches them
+(the create_graph / meta path uses ``kd_loss_reference`` or ``meta_cotangent`` instead).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ._common import (
+    check_alpha,
+    check_labels,
+    check_logits,
+    check_reduction,
+    check_same_shape,
+    check_soft_loss,
+    check_temperature,
+    compute_dtype,
+    resolve_backend,
+    rows_per_chunk,
+)
+
+# Largest class block one program holds in registers; wider vocabularies loop over blocks.
+MAX_FUSED_SIZE = 16384
+
+_KIND_KL = 0
+_KIND_MSE = 1
+_KINDS = {"kl": _KIND_KL, "mse": _KIND_MSE}
+
+
+def get_num_warps(block_size: int) -> int:
+    if block_size >= 32768:
+        return 32
+    if block_size >= 8192:
+        return 16
+    if block_size >= 2048:
+        return 8
+    return 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kd_loss_kernel(
+    zs_ptr,
+    zs_stride,
+    zt_ptr,
+    zt_stride,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_stride,
+    grad_scale_ptr,
+    n_cols,
+    inv_temperature,
+    temperature,
+    alpha,
+    ignore_index,
+    KIND: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zs_ptr += row * zs_stride
+    zt_ptr += row * zt_stride
+    grad_ptr += row * grad_stride
+
+    y = 0
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row).to(tl.int64)
+        if y == ignore_index:
+            # Write both outputs: the buffers are allocated uninitialised.
+            tl.store(loss_ptr + row, 0.0)
+            if COMPUTE_GRAD:
+                for start in range(0, n_cols, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    zero = tl.zeros([BLOCK], dtype=tl.float32)
+                    tl.store(grad_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < n_cols)
+            return
+
+    # Running maxima start at a finite floor instead of -inf so that a block of only masked (-inf)
+    # classes gives exp(floor - floor) = 1 rather than exp(-inf + inf) = NaN.
+    # Pass 1: online max / normaliser for p = softmax(a), q = softmax(b), s = softmax(z_s) with
+    # a = z_t/T, b = z_s/T, and (kl) sum_v exp(a_v - m_t) * (a_v - b_v), rescaled like the normaliser.
+    m_t = -1.0e30
+    d_t = 0.0
+    m_q = -1.0e30
+    d_q = 0.0
+    m_s = -1.0e30
+    d_s = 0.0
+    acc = 0.0
+    for start in range(0, n_cols, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        zs = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zt = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        a = zt * inv_temperature
+        b = zs * inv_temperature
+
+        new_m_t = tl.maximum(m_t, tl.max(a, 0))
+        rescale_t = tl.exp(m_t - new_m_t)
+        e_t = tl.exp(a - new_m_t)
+        d_t = d_t * rescale_t + tl.sum(e_t, 0)
+        if KIND == 0:
+            # p = 0 (masked or padded class) contributes 0, also where a - b is -inf - -inf.
+            acc = acc * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * (a - b), 0.0), 0)
+        m_t = new_m_t
+
+        new_m_q = tl.maximum(m_q, tl.max(b, 0))
+        d_q = d_q * tl.exp(m_q - new_m_q) + tl.sum(tl.exp(b - new_m_q), 0)
+        m_q = new_m_q
+
+        if HAS_CE:
+            new_m_s = tl.maximum(m_s, tl.max(zs, 0))
+            d_s = d_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(zs - new_m_s), 0)
+            m_s = new_m_s
+
+    lse_t = m_t + tl.log(d_t)
+    lse_q = m_q + tl.log(d_q)
+    lse_s = m_s + tl.log(d_s)
+
+    # Pass 2 (mse only): sum (q-p)^2 and <q, q-p> need the final normalisers.
+    soft = 0.0
+    qd = 0.0
+    if KIND == 0:
+        soft = temperature * temperature * (acc / d_t - lse_t + lse_q)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            zs = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(zt * inv_temperature - lse_t)
+            q = tl.exp(zs * inv_temperature - lse_q)
+            diff = q - p
+            soft += tl.sum(diff * diff, 0)
+            qd += tl.sum(q * diff, 0)
+
+    loss = (1.0 - alpha) * soft
+    if HAS_CE:
+        z_y = tl.load(zs_ptr + y).to(tl.float32)
+        loss += alpha * (lse_s - z_y)
+    tl.store(loss_ptr + row, loss)
+
+    # Last pass: d loss_row / d z_s, times 1/n_valid for "mean", in the logits' dtype.
+    if COMPUTE_GRAD:
+        grad_scale = tl.load(grad_scale_ptr)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            zs = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(zt * inv_temperature - lse_t)
+            q = tl.exp(zs * inv_temperature - lse_q)
+            if KIND == 0:
+                g = ((1.0 - alpha) * temperature) * (q - p)
+            else:
+                g = ((1.0 - alpha) * 2.0 * inv_temperature) * q * ((q - p) - qd)
+            if HAS_CE:
+                s = tl.exp(zs - lse_s)
+                g += alpha * (s - tl.where(offs == y, 1.0, 0.0))
+            tl.store(grad_ptr + offs, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _n_valid_and_grad_scale(
+    labels: torch.Tensor | None, n_rows: int, reduction: str, ignore_index: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device tensors (no host sync): number of valid rows, and the gradient factor per valid row."""
+    if labels is None:
+        n_valid = torch.tensor(float(n_rows), device=device)
+    else:
+        n_valid = (labels != ignore_index).sum().to(torch.float32)
+    if reduction == "mean":
+        grad_scale = 1.0 / n_valid.clamp(min=1.0)
+    else:
+        grad_scale = torch.ones((), device=device)
+    return n_valid, grad_scale.reshape(1).to(torch.float32)
+
+
+def kd_loss_forward_triton(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    soft_loss: str,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss [N] (fp32), number of valid rows, and the (scaled) gradient or None. Inputs [N, V]."""
+    zs = student_logits.contiguous()
+    zt = teacher_logits.contiguous()
+    n_rows, n_cols = zs.shape
+    block = min(MAX_FUSED_SIZE, triton.next_power_of_2(n_cols))
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
+    grad = torch.empty_like(zs) if compute_grad else None
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    n_valid, grad_scale = _n_valid_and_grad_scale(y, n_rows, reduction, ignore_index, zs.device)
+    if n_rows > 0:
+        _kd_loss_kernel[(n_rows,)](
+            zs,
+            zs.stride(0),
+            zt,
+            zt.stride(0),
+            y if y is not None else loss_rows,
+            loss_rows,
+            grad if grad is not None else zs,
+            grad.stride(0) if grad is not None else 0,
+            grad_scale,
+            n_cols,
+            1.0 / temperature,
+            float(temperature),
+            float(alpha),
+            int(ignore_index),
+            KIND=_KINDS[soft_loss],
+            HAS_LABELS=y is not None,
+            HAS_CE=y is not None and alpha > 0.0,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK=block,
+            num_warps=get_num_warps(block),
+        )
+    return loss_rows, n_valid, grad
+
+
+# --------------------------------------------------------------------------------------------------
+# torch (row-chunked)
+# --------------------------------------------------------------------------------------------------
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_v x[r, v] * y[r, v] without materialising x * y."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _scaled(x: torch.Tensor, dtype: torch.dtype, factor: float) -> torch.Tensor:
+    """x * factor in ``dtype`` with at most one allocation."""
+    y = x.to(dtype)
+    if factor == 1.0:
+        return y  # callers never write into it
+    return y.mul_(factor) if y is not x else y * factor
+
+
+def _kd_chunk_torch(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    soft_loss: str,
+    grad_out: torch.Tensor | None,
+    grad_scale: float,
+) -> torch.Tensor:
+    """Per-row loss of one chunk; writes d loss_row / d z_s * grad_scale into grad_out when given.
+
+    y holds labels with ignored rows already replaced by a valid index (their rows are zeroed by
+    the caller), or is None when there is no CE term.
+    """
+    ct = compute_dtype(zs.dtype)
+    inv_t = 1.0 / temperature
+    b = _scaled(zs, ct, inv_t)
+    a = _scaled(zt, ct, inv_t)
+    g = None
+    if soft_loss == "kl":
+        log_q = torch.log_softmax(b, dim=-1)
+        del b
+        log_p = torch.log_softmax(a, dim=-1)
+        del a
+        p = log_p.exp()
+        diff = log_p.sub_(log_q)
+        soft = _rowdot(p, diff)
+        if not bool(torch.isfinite(soft).all()):
+            # -inf - -inf at masked classes (p = 0) is the only NaN source; those classes add 0.
+            diff = torch.where(p > 0, diff, torch.zeros((), dtype=ct, device=diff.device))
+            soft = _rowdot(p, diff)
+        del diff
+        soft = soft * (temperature * temperature)
+        if grad_out is not None:
+            g = log_q.exp_().sub_(p).mul_((1.0 - alpha) * temperature)
+        del log_q, p
+    else:
+        q = torch.softmax(b, dim=-1)
+        del b
+        d = torch.softmax(a, dim=-1).neg_().add_(q)
+        del a
+        soft = _rowdot(d, d)
+        if grad_out is not None:
+            qd = _rowdot(q, d)
+            g = d.sub_(qd.unsqueeze(1)).mul_(q).mul_((1.0 - alpha) * 2.0 * inv_t)
+        del q, d
+    loss = (1.0 - alpha) * soft
+
+    if y is not None and alpha > 0.0:
+        log_s = torch.log_softmax(zs.to(ct), dim=-1)
+        idx = y.unsqueeze(1)
+        loss = loss - alpha * log_s.gather(1, idx).squeeze(1)
+        if g is not None:
+            g.add_(log_s.exp_(), alpha=alpha)
+            g.scatter_add_(1, idx, torch.full_like(idx, -alpha, dtype=ct))
+        del log_s
+
+    if g is not None:
+        if grad_scale != 1.0:
+            g.mul_(grad_scale)
+        grad_out.copy_(g)
+    return loss
+
+
+def kd_loss_forward_torch(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    soft_loss: str,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``kd_loss_forward_triton``; loss rows in fp32 (fp64 for fp64 inputs)."""
+    n_rows, n_cols = student_logits.shape
+    ct = compute_dtype(student_logits.dtype)
+    device = student_logits.device
+    loss_rows = torch.zeros(n_rows, dtype=ct, device=device)
+    grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad else None
+
+    valid = None
+    y_all = None
+    if labels is not None:
+        y_all = labels.reshape(-1).long()
+        valid = y_all != ignore_index
+        n_valid = valid.sum().to(ct)
+        y_all = torch.where(valid, y_all, torch.zeros_like(y_all))
+    else:
+        n_valid = torch.tensor(float(n_rows), dtype=ct, device=device)
+    grad_scale = 1.0 / max(float(n_valid), 1.0) if reduction == "mean" else 1.0
+
+    step = rows_per_chunk(n_rows, n_cols, chunk_elements)
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(start + step, n_rows))
+        grad_c = grad[rows] if grad is not None else None
+        valid_c = valid[rows] if valid is not None else None
+        if valid_c is not None and not bool(valid_c.any()):
+            if grad_c is not None:
+                grad_c.zero_()
+            continue
+        loss_c = _kd_chunk_torch(
+            student_logits[rows],
+            teacher_logits[rows],
+            y_all[rows] if y_all is not None else None,
+            temperature,
+            alpha,
+            soft_loss,
+            grad_c,
+            grad_scale,
+        )
+        if valid_c is not None:
+            loss_c = torch.where(valid_c, loss_c, torch.zeros((), dtype=ct, device=device))
+            if grad_c is not None and not bool(valid_c.all()):
+                grad_c[~valid_c] = 0
+        loss_rows[rows] = loss_c
+    return loss_rows, n_valid, grad
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+
+
+def _reduce(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    return total / n_valid.to(total.dtype).clamp(min=1.0)
+
+
+class KDLossFunction(torch.autograd.Function):
+    """Loss in forward, precomputed d loss / d z_s saved; backward scales it by grad_output in place."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        temperature: float,
+        alpha: float,
+        soft_loss: str,
+        reduction: str,
+        ignore_index: int,
+        backend: str,
+        compute_grad: bool,
+    ) -> torch.Tensor:
+        impl = kd_loss_forward_triton if backend == "triton" else kd_loss_forward_torch
+        loss_rows, n_valid, grad = impl(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature,
+            alpha,
+            soft_loss,
+            ignore_index,
+            reduction,
+            compute_grad,
+        )
+        out_dtype = compute_dtype(student_logits.dtype)
+        loss = _reduce(loss_rows.to(out_dtype), n_valid, reduction)
+        ctx.reduction = reduction
+        ctx.consumed = False
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.has_grad = grad is not None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        nones = (None,) * 9
+        if not ctx.has_grad:
+            return (None, *nones)
+        if ctx.consumed:
+            raise RuntimeError(
+                "kd_loss's fused backward scales its saved gradient in place and can run once per "
+                "forward; recompute the loss (or use kd_loss_reference) to backpropagate twice"
+            )
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.to(grad.dtype).unsqueeze(1))
+        elif grad_output.is_cuda or float(grad_output) != 1.0:
+            # On CUDA the multiply is cheaper than a host sync to test for 1.0.
+            grad.mul_(grad_output.to(grad.dtype))
+        return (grad, *nones)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    soft_loss: str = "kl",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused KD loss over logits [..., V]; see ``kd_loss_reference`` for the exact definition.
+
+    Differentiable w.r.t. ``student_logits`` only (the teacher logits are constants here). The loss
+    is fp32 (fp64 for fp64 inputs) whatever the logits' dtype; "none" returns shape [...]. The
+    backward is first-order only and may run once per call. backend: "auto" (Triton on CUDA, torch
+    otherwise; METADISTIL_KERNEL_BACKEND=triton|torch overrides), "triton" or "torch".
+    """
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_labels(labels, student_logits)
+    check_soft_loss(soft_loss)
+    check_reduction(reduction)
+    check_temperature(temperature)
+    check_alpha(alpha)
+    impl = resolve_backend(backend, student_logits)
+
+    lead = student_logits.shape[:-1]
+    n_cols = student_logits.shape[-1]
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss = KDLossFunction.apply(
+        student_logits.reshape(-1, n_cols),
+        teacher_logits.detach().reshape(-1, n_cols),
+        labels.reshape(-1) if labels is not None else None,
+        float(temperature),
+        float(alpha),
+        soft_loss,
+        reduction,
+        int(ignore_index),
+        impl,
+        compute_grad,
+    )
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+class KDLoss(nn.Module):
+    """Module form of ``kd_loss``: ``KDLoss(temperature=4, alpha=0.5)(student, teacher, labels)``."""
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        soft_loss: str = "kl",
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_temperature(temperature)
+        check_alpha(alpha)
+        check_soft_loss(soft_loss)
+        check_reduction(reduction)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.soft_loss = soft_loss
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.backend = backend
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            soft_loss=self.soft_loss,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, alpha={self.alpha}, soft_loss={self.soft_loss!r}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
