@@ -1,0 +1,108 @@
+"""The plain-torch backend: one trained model with its optimizer, schedule and gradient clipping.
+
+The MetaDistil step talks to a model only through this surface (forward, backward, step, reduce), so that the
+DeepSpeed backend can stand in for it without the step being written twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from metadistil_scale.config import OptimConfig
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """HF models return an output object; CV models return the logits tensor itself."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TorchModel:
+    """A model trained in this process (optionally under DDP-style manual gradient averaging)."""
+
+    def __init__(self, module: nn.Module, optim: OptimConfig | None, total_steps: int = 1) -> None:
+        self.module = module
+        self.max_grad_norm = optim.max_grad_norm if optim else None
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, optim) if optim else None
+        self.scheduler = (
+            linear_warmup_decay(self.optimizer, total_steps, optim.warmup_ratio) if self.optimizer else None
+        )
+
+    # -- what a step needs
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits_of(self.module(**inputs))
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the schedule, clear gradients; returns the pre-clip grad norm."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        assert self.optimizer is not None and self.scheduler is not None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+
+    def full_grad(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        """The accumulated gradient of one parameter (zeros where it got none)."""
+        return param.grad if param.grad is not None else torch.zeros_like(param)
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum tensors over data-parallel ranks in place (no-op in one process). Losses are already divided
+        by the global row count, so a sum gives the global batch's gradient."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in tensors:
+                torch.distributed.all_reduce(t)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([value], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            return float(t.item())
+        return value
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.module.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])

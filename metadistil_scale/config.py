@@ -1,0 +1,329 @@
+"""Typed run configuration: YAML recipe + dotted command-line overrides, validated before any work starts.
+
+Every field has a default, so `metadistil-scale train` with no flags runs the embedded recipe. A recipe file
+sets any subset of fields; `--set train.batch_size=16` style overrides are applied last. Unknown keys, wrong
+types and out-of-range values all raise ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_MINILM = "embedded:minilm-l6"
+METHODS = ("finetune", "kd", "metadistil", "metadistil-no-pilot")
+SOFT_LOSSES = ("kl", "mse")
+U_MODES = ("jvp", "finite-difference", "unrolled")
+SCHEDULES = ("lean", "fast")
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    task: str = "rotten_tomatoes"
+    data_files: dict[str, str] | None = None
+    split_seed: int = 0
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+    quiz_fraction: float = 0.1
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_length: int = 64
+
+
+@dataclass
+class ModelConfig:
+    # A local folder or hub name for the teacher's starting point; the embedded MiniLM by default.
+    teacher: str = EMBEDDED_MINILM
+    # An already fine-tuned teacher folder: skips the fine-tuning stage.
+    teacher_checkpoint: str | None = None
+    # The student's pretrained source; the student keeps its first `student_layers` layers (the paper's recipe).
+    student: str = EMBEDDED_MINILM
+    student_layers: int | None = 3
+    # Forward-mode AD (the jvp u-mode) needs an attention implementation that supports it.
+    attn_implementation: str = "eager"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5
+    temperature: float = 5.0
+    soft_loss: str = "kl"
+
+
+@dataclass
+class MetaConfig:
+    pilot_lr: float = 5e-5
+    u_mode: str = "jvp"
+    schedule: str = "lean"
+    fd_epsilon: float = 1e-3
+    teacher_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))
+    # Weight of the teacher's own CE on the train batch inside its meta-loss (keeps it a model of the task).
+    teacher_ce_weight: float = 0.0
+    # The teacher is meta-updated every `interval` steps and stays frozen for the first `frozen_steps`.
+    interval: int = 1
+    frozen_steps: int = 0
+    quiz_batch_size: int = 32
+    quiz_seed: int = 1234
+
+
+@dataclass
+class StageConfig:
+    """One training stage's budget and optimizer (teacher fine-tuning, or the student's distillation)."""
+
+    batch_size: int = 32
+    # Gradient accumulation: micro-batches of this size (None = the whole batch at once).
+    micro_batch_size: int | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    methods: list[str] = field(default_factory=lambda: ["kd", "metadistil"])
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    eval_batch_size: int = 128
+    eval_every: int = 50
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    teacher_finetune: StageConfig = field(default_factory=StageConfig)
+    student_train: StageConfig = field(default_factory=StageConfig)
+    deepspeed_teacher: str | None = None
+    deepspeed_student: str | None = None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Coerce/validate one value against a type hint; int is accepted where float is expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_hint_name(hint)}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) and hint is not bool:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        if not isinstance(value, hint):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _hint_name(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key '{where}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-5' -> ('train.lr', 1e-05); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. student_train.batch_size=16")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads '1e-5' as a string; accept it as the float a user means.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    config = _build(Config, raw)
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def config_fingerprint(obj: Any) -> str:
+    """A stable hash of (part of) a config, to recognise finished stages and foreign checkpoints."""
+    import hashlib
+
+    blob = json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _validate_optim(o: OptimConfig, key: str) -> None:
+    _require(o.name in OPTIMIZERS, f"{key}.name", f"one of {OPTIMIZERS}", o.name)
+    _require(o.lr >= 0, f"{key}.lr", ">= 0", o.lr)
+    _require(o.weight_decay >= 0, f"{key}.weight_decay", ">= 0", o.weight_decay)
+    _require(0 <= o.momentum < 1, f"{key}.momentum", "in [0, 1)", o.momentum)
+    _require(0 <= o.warmup_ratio < 1, f"{key}.warmup_ratio", "in [0, 1)", o.warmup_ratio)
+    _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"{key}.max_grad_norm", "> 0 or null", o.max_grad_norm)
+
+
+def _validate_stage(s: StageConfig, key: str) -> None:
+    _require(s.batch_size >= 1, f"{key}.batch_size", ">= 1", s.batch_size)
+    if s.micro_batch_size is not None:
+        _require(
+            1 <= s.micro_batch_size <= s.batch_size and s.batch_size % s.micro_batch_size == 0,
+            f"{key}.micro_batch_size",
+            f"a divisor of batch_size={s.batch_size}",
+            s.micro_batch_size,
+        )
+    _require(s.epochs > 0, f"{key}.epochs", "> 0", s.epochs)
+    _require(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", ">= 1 or null", s.max_steps)
+    _validate_optim(s.optim, f"{key}.optim")
+
+
+def validate(c: Config) -> None:
+    _require(len(c.methods) > 0, "methods", "at least one method", c.methods)
+    for i, m in enumerate(c.methods):
+        _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    _require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
+    for key in ("eval_batch_size", "eval_every", "log_every"):
+        _require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
+    d = c.data
+    for key in ("dev_fraction", "test_fraction", "quiz_fraction"):
+        _require(0 < getattr(d, key) < 1, f"data.{key}", "in (0, 1)", getattr(d, key))
+    _require(d.dev_fraction + d.test_fraction < 0.9, "data.dev_fraction", "dev + test fractions < 0.9", d.dev_fraction)
+    _require(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
+    for key in ("max_train_examples", "max_eval_examples"):
+        v = getattr(d, key)
+        _require(v is None or v >= 1, f"data.{key}", ">= 1 or null", v)
+    for split, file in (d.data_files or {}).items():
+        _require(split in ("train", "validation", "test"), f"data.data_files.{split}", "train, validation or test", split)
+        if not Path(file).is_file():
+            raise ConfigError(f"data.data_files.{split}: file not found: {file}")
+    m = c.model
+    _require(m.student_layers is None or m.student_layers >= 1, "model.student_layers", ">= 1 or null", m.student_layers)
+    for key in ("teacher", "student"):
+        _check_model_source(getattr(m, key), f"model.{key}")
+    if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
+        raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
+    k = c.distill
+    _require(0 <= k.alpha <= 1, "distill.alpha", "in [0, 1]", k.alpha)
+    _require(0.05 <= k.temperature <= 100, "distill.temperature", "in [0.05, 100]", k.temperature)
+    _require(k.soft_loss in SOFT_LOSSES, "distill.soft_loss", f"one of {SOFT_LOSSES}", k.soft_loss)
+    mc = c.meta
+    _require(mc.pilot_lr > 0, "meta.pilot_lr", "> 0", mc.pilot_lr)
+    _require(mc.u_mode in U_MODES, "meta.u_mode", f"one of {U_MODES}", mc.u_mode)
+    _require(mc.schedule in SCHEDULES, "meta.schedule", f"one of {SCHEDULES}", mc.schedule)
+    _require(mc.fd_epsilon > 0, "meta.fd_epsilon", "> 0", mc.fd_epsilon)
+    _require(mc.teacher_ce_weight >= 0, "meta.teacher_ce_weight", ">= 0", mc.teacher_ce_weight)
+    _require(mc.interval >= 1, "meta.interval", ">= 1", mc.interval)
+    _require(mc.frozen_steps >= 0, "meta.frozen_steps", ">= 0", mc.frozen_steps)
+    _require(mc.quiz_batch_size >= 1, "meta.quiz_batch_size", ">= 1", mc.quiz_batch_size)
+    _validate_optim(mc.teacher_optim, "meta.teacher_optim")
+    _validate_stage(c.teacher_finetune, "teacher_finetune")
+    _validate_stage(c.student_train, "student_train")
+    for key in ("deepspeed_teacher", "deepspeed_student"):
+        v = getattr(c, key)
+        if v is not None and not Path(v).is_file():
+            raise ConfigError(f"{key}: DeepSpeed config not found: {v}")
+
+
+def _check_model_source(source: str, key: str) -> None:
+    if source == EMBEDDED_MINILM or source.startswith("cv:"):
+        return
+    # A path-looking source must exist; anything else is taken as a hub name (only loadable online).
+    looks_like_path = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_like_path and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"{key}: model folder not found: {source}")

@@ -1,0 +1,278 @@
+"""The MetaDistil step (Zhou, Xu & McAuley, ACL 2022), with the teacher's meta-gradient computed without a
+second-order graph.
+
+One step on a train batch x (DESIGN.md §1):
+  1. pilot:   θs' = θs − λ·∇θs L_S(θs; θt, x)                         (plain SGD, as the official code)
+  2. teacher: θt ← Opt(θt, ∇θt CE(f_s(xq; θs'(θt)), yq))              (quiz batch xq held out of train)
+  3. student: θs ← Opt(θs, ∇θs L_S(θs; θt_new, x))                    (same x, updated teacher)
+
+The meta-gradient of step 2, exactly (DESIGN.md §2): with v = ∇θs' CE(f_s(xq; θs'), yq), u = J_s(θs; x)·v and
+p = softmax(z_t/T),
+    kl:  w = λ(1−α)/N · p ⊙ (u − ⟨p, u⟩)
+    mse: w = 2λ(1−α)/(N·T²) · p ⊙ (r − ⟨p, r⟩),  r = q ⊙ (u − ⟨q, u⟩),  q = softmax(z_s/T)
+    ∇θt L_meta = J_t(θt; x)ᵀ · w                                       (one teacher backward)
+The mse form: soft = Σ(q − p)², so ∇_{z_s} = (2/T)·(diag q − q qᵀ)(q − p)·(1−α)/N; ⟨∇_{z_s}, u⟩ = c·(q − p)ᵀ r with
+c = 2(1−α)/(N·T); ∂/∂p = −c·r and ∂p/∂z_t = (diag p − p pᵀ)/T; times −λ gives the w above.
+
+u comes from one of three interchangeable u-modes: `jvp` (forward-mode AD), `finite-difference` (two no-grad
+forwards) or `unrolled` (the create_graph reference, which yields the teacher gradient directly).
+Two schedules: `fast` keeps the teacher's and the student's forward graphs from the first phases and reuses
+them; `lean` frees each graph when its phase ends, so peak memory is the largest single phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.func import functional_call, jvp
+
+from metadistil_scale.backends.torch_backend import TorchModel, logits_of
+from metadistil_scale.config import DistillConfig, MetaConfig
+from metadistil_scale.losses import hard_loss_sum, student_loss_sum, teacher_cotangent
+from metadistil_scale.steps import Batch, count_rows, kd_step
+
+Params = dict[str, torch.Tensor]
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple) -> Iterator[None]:
+    """Run a block with the RNG as it was at `state` (same dropout masks), then put the RNG back."""
+    devices = list(range(torch.cuda.device_count())) if state[1] is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state_all(state[1])
+        yield
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time_{name}"] = self.seconds.get(f"time_{name}", 0.0) + time.perf_counter() - start
+
+
+class MetaDistil:
+    """The MetaDistil step over a teacher and a student, each a backend model (forward/backward/step/reduce)."""
+
+    def __init__(
+        self,
+        teacher: TorchModel,
+        student: TorchModel,
+        distill: DistillConfig,
+        meta: MetaConfig,
+        regression: bool = False,
+    ) -> None:
+        self.teacher, self.student = teacher, student
+        self.distill, self.meta, self.regression = distill, meta, regression
+
+    # ------------------------------------------------------------------ functional student
+
+    def _student_at(self, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The student's logits at `params`, with copied buffers so that the pilot, quiz and JVP passes
+        leave BatchNorm running statistics alone."""
+        module = self.student.module
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
+
+    def _tangent(self, theta: Params, v: Params, inputs: dict[str, torch.Tensor], rng: tuple) -> torch.Tensor:
+        """u = J_s(θs; x)·v, by forward-mode AD or central finite differences."""
+        if self.meta.u_mode == "jvp":
+            with _replayed_rng(rng):
+                _, u = jvp(lambda p: self._student_at(p, inputs), (theta,), (v,))
+            return u
+        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
+        eps = self.meta.fd_epsilon / max(float(norm), 1e-30)
+        with torch.no_grad():
+            with _replayed_rng(rng):
+                plus = self._student_at({k: theta[k] + eps * v[k] for k in theta}, inputs)
+            with _replayed_rng(rng):
+                minus = self._student_at({k: theta[k] - eps * v[k] for k in theta}, inputs)
+        return (plus - minus) / (2 * eps)
+
+    def _quiz_loss_and_grad(self, params: Params, quiz: list[Batch], want_grad: bool) -> tuple[float, Params]:
+        """CE on the quiz batch at `params`, and its gradient (v) when asked; both summed over ranks."""
+        n_quiz = count_rows(quiz, self.student)
+        leaves = {k: t.detach().requires_grad_(want_grad) for k, t in params.items()}
+        grad = {k: torch.zeros_like(t) for k, t in leaves.items()} if want_grad else {}
+        total = 0.0
+        for part in quiz:
+            with torch.set_grad_enabled(want_grad):
+                loss = hard_loss_sum(self._student_at(leaves, part["student"]), part["labels"], self.regression)
+                loss = loss / n_quiz
+            if want_grad:
+                for k, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+                    grad[k] += g
+            total += loss.item()
+        if want_grad:
+            self.student.all_reduce_sum_(list(grad.values()))
+        return self.student.all_reduce_sum(total), grad
+
+    # ------------------------------------------------------------------ the step
+
+    def step(
+        self,
+        parts: list[Batch],
+        quiz: list[Batch],
+        *,
+        update_teacher: bool = True,
+        pilot_parts: list[Batch] | None = None,
+    ) -> dict[str, float]:
+        """One MetaDistil step on the train batch `parts` (micro-batches). `pilot_parts`, when given, is a
+        different batch for the pilot and the meta-gradient (the paper's no-pilot ablation)."""
+        if not update_teacher:
+            return kd_step(self.teacher, self.student, parts, self.distill, self.regression)
+        timer = PhaseTimer()
+        same_batch = pilot_parts is None
+        meta_parts = parts if same_batch else pilot_parts
+        metrics, kept, rngs = self.accumulate_teacher_grad(meta_parts, quiz, timer, keep=same_batch)
+        with timer("teacher_step"):
+            metrics["teacher_grad_norm"] = self.teacher.step()
+        with timer("student_step"):
+            metrics.update(self._real_student_step(parts, quiz, kept, rngs if same_batch else None))
+        metrics.update(timer.seconds)
+        return metrics
+
+    def accumulate_teacher_grad(
+        self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer | None = None, keep: bool = False
+    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[tuple]]:
+        """Accumulate ∇θt L_meta into the teacher's gradients. Returns metrics, the student's kept forward
+        graphs (fast schedule, when `keep`) and the RNG states of the student's forwards on `parts`."""
+        timer = timer or PhaseTimer()
+        if self.meta.u_mode == "unrolled":
+            return self._teacher_grad_unrolled(parts, quiz, timer)
+        return self._teacher_grad_decomposed(parts, quiz, timer, keep)
+
+    def _teacher_grad_decomposed(
+        self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer, keep: bool
+    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[tuple]]:
+        """One JVP (or finite difference) and one VJP: no second-order graph."""
+        fast = self.meta.schedule == "fast"
+        n = count_rows(parts, self.student)
+        params = self.student.trainable()
+        theta = {k: p.detach() for k, p in params.items()}
+
+        with timer("teacher_forward"):  # fast: keep the graph for the teacher backward at the end
+            with torch.set_grad_enabled(fast):
+                teacher_logits = [self.teacher(p["teacher"]) for p in parts]
+
+        with timer("pilot"):
+            g = {k: torch.zeros_like(t) for k, t in theta.items()}
+            rngs, kept, student_logits = [], [], []
+            loss_total = 0.0
+            for part, z_t in zip(parts, teacher_logits):
+                rngs.append(_rng_state())
+                # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
+                # lean: the real step forwards again, so here the buffers are protected.
+                z_s = self.student(part["student"]) if fast and keep else self._student_at(params, part["student"])
+                loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
+                grads = torch.autograd.grad(loss, list(params.values()), retain_graph=fast and keep)
+                for k, gk in zip(g, grads):
+                    g[k] += gk
+                loss_total += loss.item()
+                student_logits.append(z_s.detach())
+                if fast and keep:
+                    kept.append(z_s)
+            self.student.all_reduce_sum_(list(g.values()))
+            pilot = {k: theta[k] - self.meta.pilot_lr * g[k] for k in theta}
+
+        with timer("quiz"):
+            quiz_loss, v = self._quiz_loss_and_grad(pilot, quiz, want_grad=True)
+            del pilot
+
+        with timer("tangent"):
+            cotangents = []
+            for part, z_t, z_s, rng in zip(parts, teacher_logits, student_logits, rngs):
+                u = self._tangent(theta, v, part["student"], rng)
+                cotangents.append(
+                    teacher_cotangent(z_t, u, z_s, self.distill, self.meta.pilot_lr, n, self.regression)
+                )
+            del v
+
+        with timer("teacher_backward"):
+            beta = self.meta.teacher_ce_weight
+            for i, (part, w) in enumerate(zip(parts, cotangents)):
+                z_t = teacher_logits[i] if fast else self.teacher(part["teacher"])
+                surrogate = (z_t * w).sum()
+                if beta > 0:
+                    surrogate = surrogate + beta * hard_loss_sum(z_t, part["labels"], self.regression) / n
+                self.teacher.backward(surrogate)
+                teacher_logits[i] = None  # free the graph as soon as it is used
+        metrics = {"pilot_loss": self.student.all_reduce_sum(loss_total), "quiz_loss_before": quiz_loss}
+        return metrics, (kept if fast and keep else None), rngs
+
+    def _teacher_grad_unrolled(
+        self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer
+    ) -> tuple[dict[str, float], None, list[tuple]]:
+        """The reference: differentiate the quiz loss through the pilot step with create_graph."""
+        n = count_rows(parts, self.student)
+        n_quiz = count_rows(quiz, self.student)
+        params = self.student.trainable()
+        teacher_params = list(self.teacher.trainable().values())
+        with timer("pilot"):
+            rngs, losses = [], []
+            for part in parts:
+                z_t = self.teacher(part["teacher"])
+                rngs.append(_rng_state())
+                z_s = self._student_at(params, part["student"])
+                losses.append(
+                    student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression, through_teacher=True)
+                    / n
+                )
+            pilot_loss = sum(losses)
+            g = torch.autograd.grad(pilot_loss, list(params.values()), create_graph=True)
+            pilot = {k: p - self.meta.pilot_lr * gk for (k, p), gk in zip(params.items(), g)}
+        with timer("quiz"):
+            meta_loss = sum(
+                hard_loss_sum(self._student_at(pilot, q["student"]), q["labels"], self.regression) / n_quiz
+                for q in quiz
+            )
+            beta = self.meta.teacher_ce_weight
+            if beta > 0:
+                meta_loss = meta_loss + beta * sum(
+                    hard_loss_sum(self.teacher(p["teacher"]), p["labels"], self.regression) / n for p in parts
+                )
+        with timer("teacher_backward"):
+            # Only the teacher's gradients: the student's come from its real step below.
+            torch.autograd.backward(meta_loss, inputs=teacher_params)
+        metrics = {"pilot_loss": pilot_loss.item(), "quiz_loss_before": meta_loss.item()}
+        return metrics, None, rngs
+
+    def _real_student_step(
+        self, parts: list[Batch], quiz: list[Batch], kept: list[torch.Tensor] | None, rngs: list[tuple] | None
+    ) -> dict[str, float]:
+        """The student's real step with the updated teacher; also the quiz loss after the teacher update,
+        i.e. at θs − λ·∇θs L_S(θs; θt_new), which needs only the gradient this step computes anyway."""
+        n = count_rows(parts, self.student)
+        total = 0.0
+        for i, part in enumerate(parts):
+            with torch.no_grad():
+                z_t = self.teacher(part["teacher"])
+            if kept is not None:
+                z_s = kept[i]
+            elif rngs is not None:
+                with _replayed_rng(rngs[i]):
+                    z_s = self.student(part["student"])
+            else:
+                z_s = self.student(part["student"])
+            loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
+            self.student.backward(loss)
+            total += loss.item()
+        params = self.student.trainable()
+        with torch.no_grad():
+            pilot = {k: p.detach() - self.meta.pilot_lr * self.student.full_grad(k, p) for k, p in params.items()}
+        quiz_after, _ = self._quiz_loss_and_grad(pilot, quiz, want_grad=False)
+        grad_norm = self.student.step()
+        return {"loss": self.student.all_reduce_sum(total), "grad_norm": grad_norm, "quiz_loss_after": quiz_after}

@@ -1,0 +1,48 @@
+"""The first-order training steps: teacher fine-tuning and classic KD. The MetaDistil step is in meta.py.
+
+A batch is a dict {"teacher": inputs, "student": inputs, "labels": tensor}, given as a list of micro-batches;
+losses are sums divided by the rows of the whole (global) batch, so accumulation equals one large batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metadistil_scale.backends.torch_backend import TorchModel
+from metadistil_scale.config import DistillConfig
+from metadistil_scale.losses import hard_loss_sum, student_loss_sum
+
+Batch = dict
+
+
+def count_rows(parts: list[Batch], model: TorchModel) -> int:
+    """Rows of the global batch: local rows summed over data-parallel ranks."""
+    return int(model.all_reduce_sum(float(sum(len(p["labels"]) for p in parts))))
+
+
+def finetune_step(model: TorchModel, parts: list[Batch], role: str, regression: bool) -> dict[str, float]:
+    """One supervised step of `model` on the `role` ("teacher" or "student") inputs."""
+    n = count_rows(parts, model)
+    total = 0.0
+    for part in parts:
+        loss = hard_loss_sum(model(part[role]), part["labels"], regression) / n
+        model.backward(loss)
+        total += loss.item()
+    grad_norm = model.step()
+    return {"loss": model.all_reduce_sum(total), "grad_norm": grad_norm}
+
+
+def kd_step(
+    teacher: TorchModel, student: TorchModel, parts: list[Batch], cfg: DistillConfig, regression: bool
+) -> dict[str, float]:
+    """Classic KD: the student steps on α·CE + (1−α)·soft against the current (frozen) teacher."""
+    n = count_rows(parts, student)
+    total = 0.0
+    for part in parts:
+        with torch.no_grad():
+            teacher_logits = teacher(part["teacher"])
+        loss = student_loss_sum(student(part["student"]), teacher_logits, part["labels"], cfg, regression) / n
+        student.backward(loss)
+        total += loss.item()
+    grad_norm = student.step()
+    return {"loss": student.all_reduce_sum(total), "grad_norm": grad_norm}
