@@ -446,7 +446,7 @@ class TextCollator:
             return False
         same_settings = all(getattr(a, name, None) == getattr(b, name, None)
                             for name in ("padding_side", "truncation_side", "model_input_names", "pad_token_id"))
-        return same_settings and dict(a(*cls._PROBE)) == dict(b(*cls._PROBE))
+        return same_settings and dict(a(*cls._PROBE, verbose=False)) == dict(b(*cls._PROBE, verbose=False))
 
     def _encode(self, tokenizer: Any, text_a: list[str], text_b: list[str] | None) -> dict[str, torch.Tensor]:
         encoding = tokenizer(text_a, text_b, padding="longest", truncation=True, max_length=self.max_length,
