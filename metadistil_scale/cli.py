@@ -1,0 +1,92 @@
+"""`metadistil-scale` command line: train (the main job) and config inspection."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from metadistil_scale.config import ConfigError, load_config, save_config
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (default: the embedded text task)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set student_train.max_steps=50 (repeatable)")
+    parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metadistil-scale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune the teacher, distil the student with each method, test")
+    _common(train)
+    train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoints")
+    train.add_argument("--stop-after", type=int, metavar="STEPS",
+                       help="checkpoint and stop once the running stage reaches STEPS steps (pre-emption)")
+    show = sub.add_parser("config", help="print the resolved, validated config")
+    _common(show)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = results["metric"]
+    table = Table(title=f"{results['task']} — test {metric} (best-on-dev checkpoint), seed {results['seed']}")
+    for column in ("model", "method", "steps", f"dev {metric}", f"test {metric}", "teacher test after", "time (s)"):
+        table.add_column(column)
+    for row in results["rows"]:
+        teacher_after = row.get("teacher_test", {}).get(metric)
+        table.add_row(
+            row["model"], row["method"], str(row.get("steps", "-")),
+            f"{row['best_dev']:.4f}" if "best_dev" in row else "-",
+            f"{row['test'][metric]:.4f}",
+            f"{teacher_after:.4f}" if teacher_after is not None else "-",
+            f"{row['wall_time_s']:.0f}" if "wall_time_s" in row else "-",
+        )
+    Console().print(table)
+    print(f"total wall time: {results['wall_time_s']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from metadistil_scale.checkpoint import CheckpointError
+    from metadistil_scale.data.text import DataError
+    from metadistil_scale.models.text import ModelError
+
+    try:
+        cfg = _load(args)
+        if args.command == "config":
+            save_config(cfg, Path("/dev/stdout"))
+            return 0
+        from transformers.utils import logging as hf_logging
+
+        from metadistil_scale.trainer import StopRequested, train
+
+        hf_logging.set_verbosity_error()
+        try:
+            results = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        except StopRequested as stop:
+            print(stop)
+            return 3
+        print_table(results)
+        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+        return 0
+    except (ConfigError, DataError, ModelError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The training recipe: config -> data + models -> teacher fine-tuning -> one stage per method -> results.
+
+Methods: `finetune` (the student alone, no teacher), `kd`, `metadistil`, `metadistil-no-pilot`. Every stage
+is resumable: its last checkpoint holds both models, both optimizers and schedules, the RNG and the step (the
+data position is a function of the step), so a resumed run ends with the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metadistil_scale.backends.torch_backend import TorchModel
+from metadistil_scale.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    atomic_save,
+    atomic_write_text,
+    check_fingerprint,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from metadistil_scale.config import Config, StageConfig, config_to_dict, save_config
+from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
+from metadistil_scale.meta import MetaDistil
+from metadistil_scale.metrics import compute_metrics, primary_metric
+from metadistil_scale.models.text import load_classifier, load_tokenizer
+from metadistil_scale.steps import finetune_step, kd_step
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class StopRequested(Exception):
+    """Raised after a checkpoint when `stop_after` steps are reached (a pre-empted job)."""
+
+
+# ---------------------------------------------------------------- data plumbing
+
+
+class BatchStream:
+    """Deterministic batches: epoch e is a permutation drawn from (seed, e); step k is its (k mod E)-th batch.
+    The position is a function of the step alone, which is what makes resume exact."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, collate, micro_batch_size: int | None) -> None:
+        if len(dataset) < batch_size:
+            raise ValueError(f"the split has {len(dataset)} examples, fewer than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self.micro = micro_batch_size or batch_size
+        self.per_epoch = len(dataset) // batch_size  # drop_last: every step sees a full batch
+
+    def __call__(self, step: int) -> list[dict]:
+        epoch, index = divmod(step, self.per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        ids = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        return [self.collate(self.dataset.select(ids[i : i + self.micro])) for i in range(0, len(ids), self.micro)]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch
+
+
+@dataclass
+class Task:
+    """Everything a stage needs to know about the data."""
+
+    splits: Any
+    info: TaskInfo
+    collate: TextCollator
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+
+    def rows(self, split: str) -> list[dict]:
+        return self.splits[split]
+
+
+def load_task(cfg: Config) -> Task:
+    d = cfg.data
+    splits, info = load_text_task(
+        d.task, d.data_files, split_seed=d.split_seed, dev_fraction=d.dev_fraction, test_fraction=d.test_fraction,
+        quiz_fraction=d.quiz_fraction, max_train_examples=d.max_train_examples,
+        max_eval_examples=d.max_eval_examples,
+    )
+    teacher_tok = load_tokenizer(cfg.model.teacher_checkpoint or cfg.model.teacher)
+    student_tok = load_tokenizer(cfg.model.student)
+    collate = TextCollator(teacher_tok, student_tok, d.max_length)
+    return Task(splits, info, collate, teacher_tok, student_tok)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, role: str, task: Task, split: str, batch_size: int, device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    dataset = task.splits[split]
+    predictions, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = to_device(task.collate(dataset.select(range(start, min(start + batch_size, len(dataset))))), device)
+        out = model(**batch[role])
+        predictions.append((out.logits if hasattr(out, "logits") else out).float().cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    return compute_metrics(task.info.metric, np.concatenate(predictions), np.concatenate(labels))
+
+
+# ---------------------------------------------------------------- one stage
+
+
+@dataclass
+class StageResult:
+    name: str
+    method: str
+    steps: int
+    best_dev: float
+    best_step: int
+    test: dict[str, float]
+    wall_time_s: float
+    teacher_test: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_fingerprint(cfg: Config, name: str, method: str) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed or reused: data, models, method, optimisation."""
+    full = config_to_dict(cfg)
+    if name == "teacher":  # the teacher's fine-tuning depends on nothing of the student's
+        model = {k: full["model"][k] for k in ("teacher", "attn_implementation")}
+        return {"method": method, "seed": cfg.seed, "data": full["data"], "stage": full["teacher_finetune"],
+                "model": model, "dtype": cfg.dtype}
+    return {"method": method, "seed": cfg.seed, "data": full["data"], "stage": full["student_train"],
+            "model": full["model"], "distill": full["distill"], "dtype": cfg.dtype,
+            "meta": full["meta"] if method.startswith("metadistil") else None}
+
+
+def total_steps(stage: StageConfig, n_train: int) -> int:
+    per_epoch = n_train // stage.batch_size
+    return stage.max_steps or max(1, math.ceil(stage.epochs * per_epoch))
+
+
+def run_stage(
+    name: str,
+    method: str,
+    cfg: Config,
+    task: Task,
+    out_dir: Path,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    *,
+    resume: bool,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Train one method to the end of its budget, with evaluation, best/last checkpoints and metrics.jsonl.
+
+    For `finetune` the trained model is `student` (used for the teacher's own fine-tuning too)."""
+    stage = cfg.teacher_finetune if name == "teacher" else cfg.student_train
+    device = next(student.parameters()).device
+    role = "teacher" if name == "teacher" else "student"
+    train_rows = task.rows("train")
+    steps = total_steps(stage, len(train_rows))
+    stream = BatchStream(train_rows, stage.batch_size, cfg.seed, task.collate, stage.micro_batch_size)
+    regression = task.info.is_regression
+    metric_key = primary_metric(task.info.metric)
+
+    trains_teacher = method.startswith("metadistil")
+    student_model = TorchModel(student, stage.optim, steps)
+    teacher_model = None
+    if teacher is not None:
+        teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
+        teacher_model = TorchModel(teacher, cfg.meta.teacher_optim if trains_teacher else None, steps)
+    meta = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, regression) if trains_teacher else None
+    quiz_stream = pilot_stream = None
+    if trains_teacher:
+        quiz_stream = BatchStream(task.rows("quiz"), min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))),
+                                  cfg.meta.quiz_seed, task.collate, stage.micro_batch_size and
+                                  min(stage.micro_batch_size, cfg.meta.quiz_batch_size))
+        if method == "metadistil-no-pilot":
+            pilot_stream = BatchStream(train_rows, stage.batch_size, cfg.seed + 7919, task.collate,
+                                       stage.micro_batch_size)
+
+    fingerprint = stage_fingerprint(cfg, name, method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, metrics_path = out_dir / "last.pt", out_dir / "metrics.jsonl"
+    state = {"step": 0, "best_dev": -math.inf, "best_step": 0, "wall_time_s": 0.0}
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        check_fingerprint(ckpt, fingerprint, last_path)
+        student_model.load_state_dict(ckpt["student"])
+        if teacher_model is not None and "teacher" in ckpt:
+            teacher_model.load_state_dict(ckpt["teacher"])
+        set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        _truncate_jsonl(metrics_path, state["step"])
+        tqdm.write(f"[{name}] resumed from {last_path} at step {state['step']}/{steps}")
+    else:
+        seed_everything(cfg.seed)
+        metrics_path.unlink(missing_ok=True)
+
+    def save_last() -> None:
+        ckpt = {"config": fingerprint, "state": state, "rng": rng_state(), "student": student_model.state_dict()}
+        if teacher_model is not None and trains_teacher:
+            ckpt["teacher"] = teacher_model.state_dict()
+        atomic_save(ckpt, last_path)
+
+    def save_best() -> None:
+        atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, teacher if trains_teacher else None,
+                                                             task, role))
+
+    student.train()
+    start_time = time.perf_counter() - state["wall_time_s"]
+    bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False)
+    with open(metrics_path, "a") as log:
+        while state["step"] < steps:
+            step = state["step"]
+            parts = to_device(stream(step), device)
+            if method == "finetune":
+                record = finetune_step(student_model, parts, role, regression)
+            elif method == "kd":
+                record = kd_step(teacher_model, student_model, parts, cfg.distill, regression)
+            else:
+                update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
+                quiz = to_device(quiz_stream(step), device) if update else []
+                pilot = to_device(pilot_stream(step), device) if (update and pilot_stream is not None) else None
+                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot)
+                record["teacher_updated"] = float(update)
+            state["step"] = step + 1
+            record.update(step=state["step"], lr=student_model.lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if state["step"] % cfg.eval_every == 0 or state["step"] == steps:
+                dev = evaluate(student, role, task, "dev", cfg.eval_batch_size, device)
+                record.update({f"dev_{k}": v for k, v in dev.items()})
+                if trains_teacher:
+                    teacher_dev = evaluate(teacher, "teacher", task, "dev", cfg.eval_batch_size, device)
+                    record.update({f"teacher_dev_{k}": v for k, v in teacher_dev.items()})
+                if dev[metric_key] > state["best_dev"]:
+                    state.update(best_dev=dev[metric_key], best_step=state["step"])
+                    save_best()
+            if state["step"] % cfg.log_every == 0 or f"dev_{metric_key}" in record:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            state["wall_time_s"] = time.perf_counter() - start_time
+            if f"dev_{metric_key}" in record or state["step"] == steps:
+                save_last()
+            if stop_after is not None and state["step"] >= stop_after and state["step"] < steps:
+                save_last()
+                bar.close()
+                raise StopRequested(f"[{name}] stopped at step {state['step']}/{steps}; rerun with --resume")
+    bar.close()
+
+    # Test the best-on-dev weights.
+    best_student = _load_best(out_dir / "best", student)
+    test = evaluate(best_student, role, task, "test", cfg.eval_batch_size, device)
+    teacher_test = None
+    if trains_teacher:
+        best_teacher = _load_best(out_dir / "best" / "teacher", teacher)
+        teacher_test = evaluate(best_teacher, "teacher", task, "test", cfg.eval_batch_size, device)
+    result = StageResult(name, method, steps, state["best_dev"], state["best_step"], test,
+                         state["wall_time_s"], teacher_test)
+    atomic_write_text(json.dumps({"config": fingerprint, "result": result.__dict__}, indent=2), out_dir / "done.json")
+    return result
+
+
+def _save_models(folder: Path, model: nn.Module, teacher: nn.Module | None, task: Task, role: str) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    (task.teacher_tokenizer if role == "teacher" else task.student_tokenizer).save_pretrained(folder)
+    if teacher is not None:
+        teacher.save_pretrained(folder / "teacher", safe_serialization=True)
+        task.teacher_tokenizer.save_pretrained(folder / "teacher")
+
+
+def _load_best(folder: Path, like: nn.Module) -> nn.Module:
+    """The saved best weights, in a model of the live one's class, dtype and device."""
+    model = type(like).from_pretrained(folder, dtype=like.dtype, attn_implementation=like.config._attn_implementation)
+    return model.to(next(like.parameters()).device)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint, so a resumed run's log equals an uninterrupted one's."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text("".join(line + "\n" for line in kept), path)
+
+
+def load_done(out_dir: Path, expected_config: dict | None = None) -> StageResult | None:
+    path = out_dir / "done.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if expected_config is not None and saved["config"] != expected_config:
+        return None
+    return StageResult(**saved["result"])
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def build_models(cfg: Config, info: TaskInfo, teacher_source: str, device) -> tuple[nn.Module, nn.Module]:
+    dtype = DTYPES[cfg.dtype]
+    teacher = load_classifier(teacher_source, info.num_labels, attn_implementation=cfg.model.attn_implementation,
+                              dtype=dtype)
+    student = load_classifier(cfg.model.student, info.num_labels, num_layers=cfg.model.student_layers,
+                              attn_implementation=cfg.model.attn_implementation, dtype=dtype)
+    return teacher.to(device), student.to(device)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, stop_after: int | None):
+    """The teacher's own fine-tuning stage, reused when a finished teacher exists for this config."""
+    if cfg.model.teacher_checkpoint is not None:
+        return Path(cfg.model.teacher_checkpoint), None
+    folder = out / "teacher"
+    done = load_done(folder)
+    if done is not None and (folder / "best" / "model.safetensors").exists():
+        ckpt_config = json.loads((folder / "done.json").read_text())["config"]
+        if ckpt_config == stage_fingerprint(cfg, "teacher", "finetune"):
+            tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
+            return folder / "best", done
+    seed_everything(cfg.seed)
+    teacher = load_classifier(cfg.model.teacher, task.info.num_labels,
+                              attn_implementation=cfg.model.attn_implementation, dtype=DTYPES[cfg.dtype]).to(device)
+    result = run_stage("teacher", "finetune", cfg, task, folder, teacher, None, resume=resume, stop_after=stop_after)
+    return folder / "best", result
+
+
+def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """The main job: fine-tune (or reuse) the teacher, train the student with each method, test, report."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg)
+    task = load_task(cfg)
+
+    teacher_dir, teacher_result = fine_tune_teacher(cfg, task, out, device, resume, stop_after)
+    rows = []
+    if teacher_result is not None:
+        rows.append(_row("teacher", teacher_result))
+    else:
+        teacher, _ = build_models(cfg, task.info, str(teacher_dir), device)
+        rows.append({"model": "teacher", "method": "finetune",
+                     "test": evaluate(teacher, "teacher", task, "test", cfg.eval_batch_size, device)})
+
+    for method in cfg.methods:
+        seed_everything(cfg.seed)
+        teacher, student = build_models(cfg, task.info, str(teacher_dir), device)
+        result = run_stage(method, method, cfg, task, out / method, student,
+                           None if method == "finetune" else teacher, resume=resume, stop_after=stop_after)
+        atomic_dir(out / method / "student", lambda tmp, m=method: _copy_best(out / m / "best", tmp))
+        rows.append(_row("student", result))
+
+    results = {"task": task.info.name, "metric": primary_metric(task.info.metric), "seed": cfg.seed,
+               "rows": rows, "wall_time_s": time.perf_counter() - started}
+    atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    return results
+
+
+def _copy_best(best: Path, tmp: Path) -> None:
+    import shutil
+
+    for item in best.iterdir():
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+
+
+def _row(model: str, r: StageResult) -> dict[str, Any]:
+    row = {"model": model, "method": r.method, "steps": r.steps, "best_dev": r.best_dev, "best_step": r.best_step,
+           "test": r.test, "wall_time_s": r.wall_time_s}
+    if r.teacher_test is not None:
+        row["teacher_test"] = r.teacher_test
+    return row
