@@ -1,5 +1,7 @@
 import gzip
+import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -49,11 +51,43 @@ def _cifar_parts(n_train: int = 6, n_test: int = 4) -> dict[str, dict[bytes, obj
     }
 
 
-def _write_folder(root: Path, parts: dict[str, object], protocol: int = 4) -> Path:
+class _Py2StylePickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` opcodes and numpy's functions under numpy.core, as the original archive
+    (pickled by Python 2) does; Python 3 cannot otherwise produce that file."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        if getattr(obj, "__module__", None) == "numpy._core.multiarray":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + (name or obj.__name__).encode() + b"\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+    dispatch[bytes] = save_bytes
+    dispatch[type(len)] = save_global
+
+
+def _dumps(obj: object, protocol: int | str) -> bytes:
+    if protocol == "py2":
+        buffer = io.BytesIO()
+        _Py2StylePickler(buffer, protocol=2).dump(obj)
+        return buffer.getvalue()
+    return pickle.dumps(obj, protocol=protocol)
+
+
+def _write_folder(root: Path, parts: dict[str, object], protocol: int | str = 4) -> Path:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     for name, obj in parts.items():
-        (folder / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+        (folder / name).write_bytes(_dumps(obj, protocol))
     return folder
 
 
@@ -88,6 +122,10 @@ def test_cifar100_from_folder_parent_and_tar(tmp_path: Path) -> None:
     _check_against(parts, *load_cifar100(_write_tar(tmp_path / "b", parts)))
     # Python 3 protocol-2 pickles spell bytes through _codecs.encode; the reader allows that too.
     _check_against(parts, *load_cifar100(_write_folder(tmp_path / "c", parts, protocol=2)))
+    # The original archive: Python 2 strings (read as latin1) and numpy.core names.
+    py2 = _write_folder(tmp_path / "d", parts, protocol="py2")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (py2 / "train").read_bytes()
+    _check_against(parts, *load_cifar100(py2))
 
 
 def test_image_set_indexing_and_select(tmp_path: Path) -> None:
