@@ -80,7 +80,7 @@ def test_jvp_in_train_mode_matches_vjp_and_finite_difference(name: str) -> None:
     torch.manual_seed(0)
     model = build_cv_model(name, num_classes=5).double().train()
     stats_before = {k: v.clone() for k, v in model.named_buffers()}
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)  # small: the AD mechanics are the point
     f = _functional(model, x)
     params = {k: v.detach() for k, v in model.named_parameters()}
     direction = {k: torch.randn_like(v) for k, v in params.items()}
@@ -111,7 +111,7 @@ def test_jvp_in_train_mode_matches_vjp_and_finite_difference(name: str) -> None:
 def test_double_backward_in_train_mode_matches_forward_over_reverse() -> None:
     torch.manual_seed(0)
     model = build_cv_model("resnet8", num_classes=5).double().train()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)  # small: the AD mechanics are the point
     y = torch.tensor([0, 1, 2, 3])
     f = _functional(model, x)
     params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
