@@ -63,7 +63,7 @@ def check_labels(labels: torch.Tensor | None, logits: torch.Tensor) -> None:
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """"auto" means Triton on CUDA and torch elsewhere, unless METADISTIL_KERNEL_BACKEND overrides it."""
+    """Backend "auto" means Triton on CUDA and torch elsewhere; METADISTIL_KERNEL_BACKEND overrides it."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":

@@ -276,9 +276,13 @@ def _kd_chunk_torch(
     """
     ct = compute_dtype(zs.dtype)
     inv_t = 1.0 / temperature
+    want_grad = grad_out is not None
+    # The gradient is accumulated as g / factor so that the soft and CE parts need no separate
+    # scaling passes; one fused multiply writes factor * grad_scale * g into the output buffer.
+    g = None
+    factor = 1.0
     b = _scaled(zs, ct, inv_t)
     a = _scaled(zt, ct, inv_t)
-    g = None
     if soft_loss == "kl":
         log_q = torch.log_softmax(b, dim=-1)
         del b
@@ -293,8 +297,9 @@ def _kd_chunk_torch(
             soft = _rowdot(p, diff)
         del diff
         soft = soft * (temperature * temperature)
-        if grad_out is not None:
-            g = log_q.exp_().sub_(p).mul_((1.0 - alpha) * temperature)
+        factor = (1.0 - alpha) * temperature
+        if want_grad and factor != 0.0:
+            g = log_q.exp_().sub_(p)
         del log_q, p
     else:
         q = torch.softmax(b, dim=-1)
@@ -302,9 +307,10 @@ def _kd_chunk_torch(
         d = torch.softmax(a, dim=-1).neg_().add_(q)
         del a
         soft = _rowdot(d, d)
-        if grad_out is not None:
+        factor = (1.0 - alpha) * 2.0 * inv_t
+        if want_grad and factor != 0.0:
             qd = _rowdot(q, d)
-            g = d.sub_(qd.unsqueeze(1)).mul_(q).mul_((1.0 - alpha) * 2.0 * inv_t)
+            g = d.sub_(qd.unsqueeze(1)).mul_(q)
         del q, d
     loss = (1.0 - alpha) * soft
 
@@ -312,15 +318,20 @@ def _kd_chunk_torch(
         log_s = torch.log_softmax(zs.to(ct), dim=-1)
         idx = y.unsqueeze(1)
         loss = loss - alpha * log_s.gather(1, idx).squeeze(1)
-        if g is not None:
-            g.add_(log_s.exp_(), alpha=alpha)
-            g.scatter_add_(1, idx, torch.full_like(idx, -alpha, dtype=ct))
+        if want_grad:
+            if g is None:
+                g, factor, k = log_s.exp_(), alpha, 1.0
+            else:
+                k = alpha / factor
+                g.add_(log_s.exp_(), alpha=k)
+            g.scatter_add_(1, idx, torch.full_like(idx, -k, dtype=ct))
         del log_s
 
-    if g is not None:
-        if grad_scale != 1.0:
-            g.mul_(grad_scale)
-        grad_out.copy_(g)
+    if want_grad:
+        if g is None:
+            grad_out.zero_()
+        else:
+            torch.mul(g, factor * grad_scale, out=grad_out)
     return loss
 
 
