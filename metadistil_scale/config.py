@@ -23,6 +23,9 @@ SOFT_LOSSES = ("kl", "mse")
 U_MODES = ("jvp", "finite-difference", "unrolled")
 SCHEDULES = ("lean", "fast")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("linear", "step", "constant")
+# Image tasks take CIFAR-style CNNs ("cv:<name>" model sources); every other task is text.
+IMAGE_TASKS = ("fashion_mnist", "cifar100")
 DTYPES = ("float32", "float64", "bfloat16")
 
 
@@ -64,6 +67,12 @@ class OptimConfig:
     momentum: float = 0.9
     warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
+    # After warmup: `linear` decays to 0 at the end; `step` multiplies the lr by `gamma` at each milestone
+    # (fractions of the model's optimizer steps, e.g. [0.625, 0.75, 0.875] = epochs 150/180/210 of 240);
+    # `constant` keeps it.
+    schedule: str = "linear"
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -106,6 +115,8 @@ class Config:
     output_dir: str = "runs/default"
     methods: list[str] = field(default_factory=lambda: ["kd", "metadistil"])
     seed: int = 0
+    # `metadistil-scale experiment` runs every method once per seed (`seed` is then ignored).
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "auto"
     dtype: str = "float32"
     eval_batch_size: int = 128
@@ -256,6 +267,10 @@ def _validate_optim(o: OptimConfig, key: str) -> None:
     _require(0 <= o.momentum < 1, f"{key}.momentum", "in [0, 1)", o.momentum)
     _require(0 <= o.warmup_ratio < 1, f"{key}.warmup_ratio", "in [0, 1)", o.warmup_ratio)
     _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"{key}.max_grad_norm", "> 0 or null", o.max_grad_norm)
+    _require(o.schedule in LR_SCHEDULES, f"{key}.schedule", f"one of {LR_SCHEDULES}", o.schedule)
+    _require(all(0 < m < 1 for m in o.milestones) and o.milestones == sorted(set(o.milestones)),
+             f"{key}.milestones", "increasing fractions in (0, 1)", o.milestones)
+    _require(0 < o.gamma <= 1, f"{key}.gamma", "in (0, 1]", o.gamma)
 
 
 def _validate_stage(s: StageConfig, key: str) -> None:
@@ -276,6 +291,9 @@ def validate(c: Config) -> None:
     _require(len(c.methods) > 0, "methods", "at least one method", c.methods)
     for i, m in enumerate(c.methods):
         _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    _require(len(set(c.methods)) == len(c.methods), "methods", "no repeated method", c.methods)
+    _require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
+             c.seeds)
     _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
     _require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
     for key in ("eval_batch_size", "eval_every", "log_every"):
@@ -288,7 +306,13 @@ def validate(c: Config) -> None:
     for key in ("max_train_examples", "max_eval_examples"):
         v = getattr(d, key)
         _require(v is None or v >= 1, f"data.{key}", ">= 1 or null", v)
+    image = d.task in IMAGE_TASKS
     for split, file in (d.data_files or {}).items():
+        if image:  # one archive or folder holds every split of an image data set
+            _require(split == "train", f"data.data_files.{split}", "only the key 'train' for an image task", split)
+            if not Path(file).exists():
+                raise ConfigError(f"data.data_files.{split}: file or folder not found: {file}")
+            continue
         _require(split in ("train", "validation", "test"), f"data.data_files.{split}", "train, validation or test", split)
         if not Path(file).is_file():
             raise ConfigError(f"data.data_files.{split}: file not found: {file}")
@@ -296,6 +320,12 @@ def validate(c: Config) -> None:
     _require(m.student_layers is None or m.student_layers >= 1, "model.student_layers", ">= 1 or null", m.student_layers)
     for key in ("teacher", "student"):
         _check_model_source(getattr(m, key), f"model.{key}")
+        is_cv = getattr(m, key).startswith("cv:")
+        _require(is_cv == image, f"model.{key}", f"a 'cv:<name>' source for the image task {d.task!r}" if image
+                 else f"a text model for the text task {d.task!r} ('cv:' sources need {' or '.join(IMAGE_TASKS)})",
+                 getattr(m, key))
+    if image:  # CNNs are built at their named depth
+        _require(m.student_layers is None, "model.student_layers", "null for a 'cv:' student", m.student_layers)
     if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
         raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
     k = c.distill
@@ -321,7 +351,12 @@ def validate(c: Config) -> None:
 
 
 def _check_model_source(source: str, key: str) -> None:
-    if source == EMBEDDED_MINILM or source.startswith("cv:"):
+    if source.startswith("cv:"):
+        from metadistil_scale.models.cifar import CV_MODELS
+
+        _require(source[3:] in CV_MODELS, key, f"cv:<name> with a name in {', '.join(CV_MODELS)}", source)
+        return
+    if source == EMBEDDED_MINILM:
         return
     # A path-looking source must exist; anything else is taken as a hub name (only loadable online).
     looks_like_path = source.startswith((".", "/", "~")) or Path(source).exists()

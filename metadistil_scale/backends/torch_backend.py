@@ -25,12 +25,18 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    warmup = int(total_steps * warmup_ratio)
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    """Linear warmup over `warmup_ratio` of the steps, then `cfg.schedule` (linear decay, step decays, constant)."""
+    warmup = int(total_steps * cfg.warmup_ratio)
+    milestones = [round(m * total_steps) for m in cfg.milestones]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m for m in milestones)
+        if cfg.schedule == "constant":
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -45,7 +51,7 @@ class TorchModel:
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, optim) if optim else None
         self.scheduler = (
-            linear_warmup_decay(self.optimizer, total_steps, optim.warmup_ratio) if self.optimizer else None
+            lr_schedule(self.optimizer, total_steps, optim) if self.optimizer else None
         )
 
     # -- what a step needs
