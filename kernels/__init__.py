@@ -4,8 +4,8 @@ Triton on CUDA, a row-chunked torch path everywhere else, and plain-torch refere
 the maths (and serve the create_graph path).
 """
 
-from .kd_loss import KDLoss, KDLossFunction, kd_loss
-from .meta_cotangent import meta_cotangent
+from .fused_kd_loss import KDLoss, KDLossFunction, kd_loss
+from .fused_meta_cotangent import meta_cotangent
 from .reference import kd_loss_reference, meta_cotangent_reference
 
 __all__ = [

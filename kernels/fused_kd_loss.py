@@ -99,7 +99,9 @@ def _kd_loss_kernel(
     # Running maxima start at a finite floor instead of -inf so that a block of only masked (-inf)
     # classes gives exp(floor - floor) = 1 rather than exp(-inf + inf) = NaN.
     # Pass 1: online max / normaliser for p = softmax(a), q = softmax(b), s = softmax(z_s) with
-    # a = z_t/T, b = z_s/T, and (kl) sum_v exp(a_v - m_t) * (a_v - b_v), rescaled like the normaliser.
+    # a = z_t/T, b = z_s/T; for kl also acc = sum_v e_v * ((a_v - m_t) - (b_v - m_q)), e = exp(a - m_t),
+    # kept relative to the running maxima so that a common offset between teacher and student
+    # logits cancels exactly instead of in a difference of two large sums.
     m_t = -1.0e30
     d_t = 0.0
     m_q = -1.0e30
@@ -116,16 +118,18 @@ def _kd_loss_kernel(
         b = zs * inv_temperature
 
         new_m_t = tl.maximum(m_t, tl.max(a, 0))
+        new_m_q = tl.maximum(m_q, tl.max(b, 0))
         rescale_t = tl.exp(m_t - new_m_t)
         e_t = tl.exp(a - new_m_t)
-        d_t = d_t * rescale_t + tl.sum(e_t, 0)
         if KIND == 0:
-            # p = 0 (masked or padded class) contributes 0, also where a - b is -inf - -inf.
-            acc = acc * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * (a - b), 0.0), 0)
-        m_t = new_m_t
-
-        new_m_q = tl.maximum(m_q, tl.max(b, 0))
+            # Moving the maxima shifts every earlier bracket by -shift; p = 0 (masked or padded
+            # class) contributes 0, also where the bracket is -inf - -inf.
+            shift = (new_m_t - m_t) - (new_m_q - m_q)
+            bracket = (a - new_m_t) - (b - new_m_q)
+            acc = (acc - shift * d_t) * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * bracket, 0.0), 0)
+        d_t = d_t * rescale_t + tl.sum(e_t, 0)
         d_q = d_q * tl.exp(m_q - new_m_q) + tl.sum(tl.exp(b - new_m_q), 0)
+        m_t = new_m_t
         m_q = new_m_q
 
         if HAS_CE:
@@ -133,23 +137,25 @@ def _kd_loss_kernel(
             d_s = d_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(zs - new_m_s), 0)
             m_s = new_m_s
 
-    lse_t = m_t + tl.log(d_t)
-    lse_q = m_q + tl.log(d_q)
-    lse_s = m_s + tl.log(d_s)
+    # log p = (a - m_t) - log d_t: subtracting the max first keeps the leading classes exact even
+    # when |logits| / T is large.
+    log_d_t = tl.log(d_t)
+    log_d_q = tl.log(d_q)
+    log_d_s = tl.log(d_s)
 
     # Pass 2 (mse only): sum (q-p)^2 and <q, q-p> need the final normalisers.
     soft = 0.0
     qd = 0.0
     if KIND == 0:
-        soft = temperature * temperature * (acc / d_t - lse_t + lse_q)
+        soft = temperature * temperature * (acc / d_t - log_d_t + log_d_q)
     else:
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
             zs = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
             zt = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(zt * inv_temperature - lse_t)
-            q = tl.exp(zs * inv_temperature - lse_q)
+            p = tl.exp((zt * inv_temperature - m_t) - log_d_t)
+            q = tl.exp((zs * inv_temperature - m_q) - log_d_q)
             diff = q - p
             soft += tl.sum(diff * diff, 0)
             qd += tl.sum(q * diff, 0)
@@ -157,7 +163,7 @@ def _kd_loss_kernel(
     loss = (1.0 - alpha) * soft
     if HAS_CE:
         z_y = tl.load(zs_ptr + y).to(tl.float32)
-        loss += alpha * (lse_s - z_y)
+        loss += alpha * ((m_s - z_y) + log_d_s)
     tl.store(loss_ptr + row, loss)
 
     # Last pass: d loss_row / d z_s, times 1/n_valid for "mean", in the logits' dtype.
@@ -168,14 +174,14 @@ def _kd_loss_kernel(
             mask = offs < n_cols
             zs = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
             zt = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(zt * inv_temperature - lse_t)
-            q = tl.exp(zs * inv_temperature - lse_q)
+            p = tl.exp((zt * inv_temperature - m_t) - log_d_t)
+            q = tl.exp((zs * inv_temperature - m_q) - log_d_q)
             if KIND == 0:
                 g = ((1.0 - alpha) * temperature) * (q - p)
             else:
                 g = ((1.0 - alpha) * 2.0 * inv_temperature) * q * ((q - p) - qd)
             if HAS_CE:
-                s = tl.exp(zs - lse_s)
+                s = tl.exp((zs - m_s) - log_d_s)
                 g += alpha * (s - tl.where(offs == y, 1.0, 0.0))
             tl.store(grad_ptr + offs, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import compute_dtype, resolve_backend, rows_per_chunk
-from .kd_loss import _rowdot, _scaled, get_num_warps
+from .fused_kd_loss import _rowdot, _scaled, get_num_warps
 from .reference import _check_meta_args
 
 # Largest class block one program holds in registers; wider vocabularies loop over blocks.
@@ -73,8 +73,8 @@ def _meta_cotangent_kernel(
             d_q = d_q * rescale_q + tl.sum(e_q, 0)
             qu = qu * rescale_q + tl.sum(e_q * u, 0)
             m_q = new_m_q
-    lse_t = m_t + tl.log(d_t)
-    lse_q = m_q + tl.log(d_q)
+    log_d_t = tl.log(d_t)
+    log_d_q = tl.log(d_q)
     pu = pu / d_t
     qu = qu / d_q
 
@@ -88,19 +88,19 @@ def _meta_cotangent_kernel(
             a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
             b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            pr += tl.sum(tl.exp(a - lse_t) * tl.exp(b - lse_q) * (u - qu), 0)
+            pr += tl.sum(tl.exp((a - m_t) - log_d_t) * tl.exp((b - m_q) - log_d_q) * (u - qu), 0)
 
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_cols
         a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(a - lse_t)
+        p = tl.exp((a - m_t) - log_d_t)
         if KIND == 0:
             w = scale * p * (u - pu)
         else:
             b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            r = tl.exp(b - lse_q) * (u - qu)
+            r = tl.exp((b - m_q) - log_d_q) * (u - qu)
             w = scale * p * (r - pr)
         tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
 

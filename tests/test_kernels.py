@@ -1,0 +1,497 @@
+"""Fused KD loss and meta cotangent against the plain-torch references and against autograd.
+
+The torch path is compared in float64 (so only the chunking/algebra can differ); the Triton path
+runs under the interpreter (TRITON_INTERPRET=1, set in conftest) in float32 at small sizes.
+
+Tolerances (reference always float64 on the same, already rounded, inputs):
+  float64 torch path:       rel 1e-10 on loss and gradient
+  float32 Triton / torch:   loss rel 2e-5 (+ abs 2e-5 * T^2 * scale of the tempered logits for the
+                            KL's cancellation), gradient abs 2e-6 relative to max |grad|
+  bf16 / fp16 inputs:       loss as float32 (accumulation is fp32); gradient is stored in the input
+                            dtype, so abs 1e-2 (bf16) / 2e-3 (fp16) relative to max |grad|
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metadistil_scale.kernels as K
+from metadistil_scale.kernels import (
+    KDLoss,
+    kd_loss,
+    kd_loss_reference,
+    meta_cotangent,
+    meta_cotangent_reference,
+)
+from metadistil_scale.kernels import _common as common
+from metadistil_scale.kernels import fused_kd_loss as kd_module
+from metadistil_scale.kernels import fused_meta_cotangent as meta_module
+
+# The Triton interpreter evaluates masked-out lanes too (e.g. -inf - -inf) and numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+VOCABS = [2, 3, 100, 1000, 4099]
+TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
+KINDS = ["kl", "mse"]
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORE = -100
+
+
+def make_inputs(n: int, v: int, *, seed: int = 0, spread: float = 3.0, ignore_rows=(), labels=True):
+    g = torch.Generator().manual_seed(seed * 1000 + v)
+    zs = torch.randn(n, v, generator=g, dtype=torch.float64) * spread
+    # Correlated teacher, as in distillation, plus noise.
+    zt = 0.6 * zs + torch.randn(n, v, generator=g, dtype=torch.float64) * spread
+    y = None
+    if labels:
+        y = torch.randint(0, v, (n,), generator=g)
+        for r in ignore_rows:
+            y[r] = IGNORE
+    return zs, zt, y
+
+
+def run_loss(fn, zs, zt, y, dtype, grad_weight=2.5, **kw):
+    """Loss and d(weighted loss)/d z_s; 'none' is weighted per row to exercise grad_output."""
+    x = zs.to(dtype).detach().clone().requires_grad_(True)
+    loss = fn(x, zt.to(dtype), y, **kw)
+    if loss.dim() > 0:
+        w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    else:
+        w = torch.tensor(grad_weight, dtype=loss.dtype)
+    (loss * w).sum().backward()
+    return loss.detach(), x.grad
+
+
+def reference(zs, zt, y, dtype, **kw):
+    """float64 reference on the inputs rounded to ``dtype`` first."""
+    return run_loss(kd_loss_reference, zs.to(dtype).double(), zt.to(dtype).double(), y, torch.float64, **kw)
+
+
+def assert_close(actual, expected, rel, abs_, what):
+    actual = actual.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= abs_ + rel * scale, f"{what}: max error {err:.3e} (scale {scale:.3e})"
+
+
+def grad_abs_floor(y, dtype, temperature, alpha, reduction, soft_loss="kl", **_):
+    """fp32 rounding of probabilities near 1: a few ulp of 1.0 times the gradient's coefficients."""
+    if dtype == torch.float64:
+        return 0.0
+    coef = alpha + (1 - alpha) * (temperature if soft_loss == "kl" else 4.0 / temperature)
+    n_valid = y.numel() - int((y == IGNORE).sum()) if y is not None else None
+    per_row = 1.0 / max(n_valid, 1) if (reduction == "mean" and n_valid is not None) else 1.0
+    return 3e-7 * coef * 2.5 * per_row
+
+
+def check_against_reference(zs, zt, y, dtype, backend, *, loss_rel, grad_rel, loss_abs=0.0, **kw):
+    loss, grad = run_loss(kd_loss, zs, zt, y, dtype, backend=backend, **kw)
+    ref_loss, ref_grad = reference(zs, zt, y, dtype, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, loss_rel, loss_abs, f"loss {kw}")
+    assert_close(grad, ref_grad, grad_rel, grad_abs_floor(y, dtype, **kw), f"grad {kw}")
+
+
+def fp32_loss_abs(zs, temperature):
+    # KL in fp32 cancels terms of size max|z|/T; the error is T^2 * eps * that size.
+    return 2e-6 * temperature**2 * (1.0 + zs.abs().max().item() / temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch path, float64: every vocabulary, kind, reduction, temperature, with and without labels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_torch_path_matches_reference_float64(v, soft_loss, temperature, monkeypatch):
+    # A chunk of 3 rows forces several chunks, including a partial last one.
+    monkeypatch.setattr(common, "TORCH_CHUNK_ELEMENTS", 3 * v)
+    n = 11
+    for labelled in (True, False):
+        zs, zt, y = make_inputs(n, v, ignore_rows=(1, 4, 5) if labelled else (), labels=labelled)
+        for reduction in REDUCTIONS:
+            check_against_reference(
+                zs, zt, y, torch.float64, "torch", loss_rel=1e-10, grad_rel=1e-10,
+                temperature=temperature, alpha=0.3, soft_loss=soft_loss, reduction=reduction,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_alpha_edges(alpha, soft_loss, backend):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    zs, zt, y = make_inputs(5, 37, ignore_rows=(2,))
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for labels in (y, None):
+        check_against_reference(
+            zs, zt, labels, dtype, backend, loss_rel=tol, grad_rel=tol, loss_abs=tol,
+            temperature=2.0, alpha=alpha, soft_loss=soft_loss, reduction="mean",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton under the interpreter, float32 (and the torch path in float32 on the same cases)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float32_matches_reference(v, soft_loss, temperature, backend, monkeypatch):
+    # Blocks of 1024 classes: V = 4099 streams 5 blocks, the last one 3 wide.
+    monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 1024)
+    n = 1 + v % 7  # 3, 4, 3, 7, 5 rows
+    for labelled in (True, False):
+        zs, zt, y = make_inputs(n, v, seed=1, ignore_rows=(1,) if labelled else (), labels=labelled)
+        for reduction in REDUCTIONS:
+            check_against_reference(
+                zs, zt, y, torch.float32, backend, loss_rel=2e-5, grad_rel=2e-6,
+                loss_abs=fp32_loss_abs(zs, temperature), temperature=temperature, alpha=0.4,
+                soft_loss=soft_loss, reduction=reduction,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("v", [100, 1000])
+def test_triton_online_softmax_rescales_across_blocks(soft_loss, v, monkeypatch):
+    # Ascending logits move the running max in every one of many small blocks.
+    monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 16)
+    zs, zt, y = make_inputs(3, v, seed=2)
+    zs = zs + torch.linspace(-20, 20, v, dtype=torch.float64)
+    zt = zt + torch.linspace(-30, 30, v, dtype=torch.float64)
+    check_against_reference(
+        zs, zt, y, torch.float32, "triton", loss_rel=2e-5, grad_rel=2e-6, loss_abs=fp32_loss_abs(zs, 1.5),
+        temperature=1.5, alpha=0.5, soft_loss=soft_loss, reduction="none",
+    )  # fmt: skip
+
+
+def test_triton_large_vocabulary():
+    zs, zt, y = make_inputs(2, 2**18 + 3, seed=3)
+    check_against_reference(
+        zs, zt, y, torch.float32, "triton", loss_rel=2e-5, grad_rel=2e-6, loss_abs=fp32_loss_abs(zs, 2.0),
+        temperature=2.0, alpha=0.5, soft_loss="kl", reduction="mean",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# ignore_index, masks, extreme logits, low precision
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_all_ignored_batch_gives_zero_loss_and_gradient(backend, soft_loss):
+    zs, zt, _ = make_inputs(4, 50)
+    y = torch.full((4,), IGNORE)
+    for reduction in REDUCTIONS:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = zs.to(dtype).requires_grad_(True)
+            loss = kd_loss(x, zt.to(dtype), y, temperature=2.0, soft_loss=soft_loss, reduction=reduction,
+                           backend=backend)  # fmt: skip
+            loss.sum().backward()
+            assert torch.equal(loss, torch.zeros_like(loss)), (reduction, loss)
+            assert torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ignore_index(backend):
+    zs, zt, y = make_inputs(6, 20)
+    y[2] = 7
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    kw = dict(temperature=3.0, alpha=0.5, ignore_index=7)
+    loss, grad = run_loss(kd_loss, zs, zt, y, dtype, backend=backend, **kw)
+    ref_loss, ref_grad = reference(zs, zt, y, dtype, **kw)
+    assert_close(loss, ref_loss, 2e-5, 0.0, "loss")
+    assert_close(grad, ref_grad, 2e-6, 0.0, "grad")
+    assert grad[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("temperature", [0.5, 20.0])
+def test_neg_inf_vocabulary_mask(backend, soft_loss, temperature):
+    n, v = 5, 300
+    zs, zt, y = make_inputs(n, v, seed=4, ignore_rows=(3,))
+    g = torch.Generator().manual_seed(5)
+    masked = torch.rand(n, v, generator=g) < 0.3
+    masked[torch.arange(n), y.clamp(min=0)] = False  # labels stay on live classes
+    masked[:, :2] = False
+    masked[0, 2:] = True  # a row with only two live classes
+    masked[0, y[0]] = False
+    zs = zs.masked_fill(masked, float("-inf"))
+    zt = zt.masked_fill(masked, float("-inf"))
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for reduction in REDUCTIONS:
+        check_against_reference(
+            zs, zt, y, dtype, backend, loss_rel=tol, grad_rel=tol / 10,
+            loss_abs=fp32_loss_abs(zs.masked_fill(masked, 0), temperature) if dtype == torch.float32 else 0,
+            temperature=temperature, alpha=0.5, soft_loss=soft_loss, reduction=reduction,
+        )  # fmt: skip
+    _, grad = run_loss(kd_loss, zs, zt, y, dtype, temperature=temperature, soft_loss=soft_loss, backend=backend)
+    assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 20.0])
+def test_extreme_logits_are_finite_and_correct(backend, soft_loss, temperature):
+    n, v = 4, 257
+    g = torch.Generator().manual_seed(6)
+    zs = (torch.rand(n, v, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    zt = (torch.rand(n, v, generator=g, dtype=torch.float64) * 2 - 1) * 1e4
+    zs[0], zt[0] = 1e4, -1e4  # constant rows at the limits
+    zt[1] = zs[1] + 5e3  # KL = 0 but every term is huge
+    y = torch.randint(0, v, (n,), generator=g)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for reduction in ("none", "mean"):
+        check_against_reference(
+            zs, zt, y, dtype, backend, loss_rel=tol, grad_rel=tol,
+            loss_abs=fp32_loss_abs(zs, temperature) if dtype == torch.float32 else 0,
+            temperature=temperature, alpha=0.5, soft_loss=soft_loss, reduction=reduction,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_low_precision_inputs(backend, dtype, soft_loss, monkeypatch):
+    monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 256)
+    grad_rel = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for v in (3, 1000):
+        zs, zt, y = make_inputs(6, v, seed=7, ignore_rows=(0,))
+        for temperature in (1.0, 4.0):
+            for reduction in REDUCTIONS:
+                check_against_reference(
+                    zs, zt, y, dtype, backend, loss_rel=2e-5, grad_rel=grad_rel,
+                    loss_abs=fp32_loss_abs(zs, temperature), temperature=temperature, alpha=0.5,
+                    soft_loss=soft_loss, reduction=reduction,
+                )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_leading_dimensions_and_module(backend):
+    g = torch.Generator().manual_seed(8)
+    zs = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    zt = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 17, (2, 3), generator=g)
+    y[1, 2] = IGNORE
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    per_tok = kd_loss(zs.to(dtype), zt.to(dtype), y, temperature=2.0, reduction="none", backend=backend)
+    assert per_tok.shape == (2, 3)
+    ref = kd_loss_reference(zs, zt, y, temperature=2.0, alpha=0.5, reduction="none")
+    assert_close(per_tok, ref, 2e-5, 0.0, "per-token loss")
+
+    module = KDLoss(temperature=2.0, alpha=0.5, backend=backend)
+    x = zs.to(dtype).clone().requires_grad_(True)
+    module(x, zt.to(dtype), y).backward()
+    xr = zs.clone().requires_grad_(True)
+    kd_loss_reference(xr, zt, y, temperature=2.0, alpha=0.5).backward()
+    assert x.grad.shape == zs.shape
+    assert_close(x.grad, xr.grad, 2e-6, 0.0, "grad")
+    assert "temperature=2.0" in repr(module)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_teacher_gets_no_gradient_and_backward_runs_once(backend):
+    zs, zt, y = make_inputs(3, 10)
+    x = zs.float().requires_grad_(True)
+    t = zt.float().requires_grad_(True)
+    loss = kd_loss(x, t, y, temperature=2.0, backend=backend)
+    loss.backward(retain_graph=True)
+    assert t.grad is None
+    assert x.grad is not None
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_forward_matches(backend):
+    zs, zt, y = make_inputs(3, 10)
+    with torch.no_grad():
+        a = kd_loss(zs.float().requires_grad_(True), zt.float(), y, temperature=2.0, backend=backend)
+    b = kd_loss(zs.float(), zt.float(), y, temperature=2.0, backend=backend)
+    assert not a.requires_grad and not b.requires_grad
+    assert torch.equal(a, b)
+
+
+def test_backend_selection(monkeypatch):
+    calls = []
+    original = kd_module.kd_loss_forward_triton
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(kd_module, "kd_loss_forward_triton", spy)
+    zs, zt, y = make_inputs(2, 5)
+    kd_loss(zs.float(), zt.float(), y)  # CPU + auto -> torch
+    assert calls == []
+    monkeypatch.setenv("METADISTIL_KERNEL_BACKEND", "triton")
+    kd_loss(zs.float(), zt.float(), y)
+    assert calls == [1]
+    kd_loss(zs.float(), zt.float(), y, backend="torch")  # explicit wins over the variable
+    assert calls == [1]
+    monkeypatch.setenv("METADISTIL_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="METADISTIL_KERNEL_BACKEND"):
+        kd_loss(zs.float(), zt.float(), y)
+    monkeypatch.delenv("METADISTIL_KERNEL_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        kd_loss(zs.float(), zt.float(), y, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# meta cotangent
+# ---------------------------------------------------------------------------------------------
+
+
+def meta_scale(soft_loss, lam, alpha, n, temperature):
+    if soft_loss == "kl":
+        return lam * (1 - alpha) / n
+    return 2 * lam * (1 - alpha) / (n * temperature**2)
+
+
+def autograd_cotangent(zs, zt, y, u, *, temperature, alpha, lam, soft_loss):
+    """-lambda * d/d z_t <grad_{z_s} L_sum / N, u>, through the reference loss with create_graph."""
+    zs = zs.clone().requires_grad_(True)
+    zt = zt.clone().requires_grad_(True)
+    loss = kd_loss_reference(zs, zt, y, temperature=temperature, alpha=alpha, soft_loss=soft_loss,
+                             reduction="sum")  # fmt: skip
+    (g,) = torch.autograd.grad(loss, zs, create_graph=True)
+    inner = (g / zs.shape[0] * u).sum()
+    (dzt,) = torch.autograd.grad(inner, zt)
+    return -lam * dzt
+
+
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("soft_loss", KINDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_meta_cotangent_matches_autograd(v, soft_loss, temperature):
+    n, lam, alpha = 5, 0.7, 0.3
+    zs, zt, y = make_inputs(n, v, seed=9)
+    u = torch.randn(n, v, generator=torch.Generator().manual_seed(v), dtype=torch.float64)
+    expected = autograd_cotangent(zs, zt, y, u, temperature=temperature, alpha=alpha, lam=lam,
+                                  soft_loss=soft_loss)  # fmt: skip
+    scale = meta_scale(soft_loss, lam, alpha, n, temperature)
+    kw = dict(temperature=temperature, scale=scale, soft_loss=soft_loss, student_logits=zs)
+    assert_close(meta_cotangent_reference(zt, u, **kw), expected, 1e-10, 0.0, "reference")
+    assert_close(meta_cotangent(zt, u, backend="torch", **kw), expected, 1e-10, 0.0, "torch")
+    kw32 = dict(kw, student_logits=zs.float())
+    w32 = meta_cotangent(zt.float(), u.float(), backend="triton", **kw32)
+    assert w32.dtype == torch.float32 and w32.shape == zt.shape
+    floor = 2e-6 * scale * u.abs().max().item()  # fp32 rounding of u - <p,u>
+    assert_close(w32, expected, 1e-5, floor, "triton")
+    w32_torch = meta_cotangent(zt.float(), u.float(), backend="torch", **kw32)
+    assert_close(w32_torch, expected, 1e-5, floor, "torch32")
+
+
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_meta_cotangent_with_ignored_rows_needs_zeroed_tangent(soft_loss):
+    n, v, lam, alpha, temperature = 6, 40, 0.5, 0.5, 3.0
+    zs, zt, y = make_inputs(n, v, seed=10, ignore_rows=(1, 4))
+    u = torch.randn(n, v, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expected = autograd_cotangent(zs, zt, y, u, temperature=temperature, alpha=alpha, lam=lam,
+                                  soft_loss=soft_loss)  # fmt: skip
+    u = u.masked_fill((y == IGNORE).unsqueeze(1), 0.0)
+    scale = meta_scale(soft_loss, lam, alpha, n, temperature)
+    for backend, dtype, tol in (("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)):
+        w = meta_cotangent(zt.to(dtype), u.to(dtype), temperature=temperature, scale=scale,
+                           soft_loss=soft_loss, student_logits=zs.to(dtype), backend=backend)  # fmt: skip
+        assert_close(w, expected, tol, 2 * tol * scale * u.abs().max().item(), backend)
+        assert w[1].abs().max() == 0 and w[4].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_meta_cotangent_formula_edge_cases(backend, soft_loss, monkeypatch):
+    monkeypatch.setattr(meta_module, "MAX_FUSED_SIZE", 64)
+    monkeypatch.setattr(common, "TORCH_CHUNK_ELEMENTS", 2 * 300)
+    n, v = 5, 300
+    zs, zt, _ = make_inputs(n, v, seed=12)
+    g = torch.Generator().manual_seed(13)
+    u = torch.randn(n, v, generator=g, dtype=torch.float64) + 100.0  # a common offset must cancel
+    masked = torch.rand(n, v, generator=g) < 0.3
+    masked[:, 0] = False
+    zs = zs.masked_fill(masked, float("-inf"))
+    zt = zt.masked_fill(masked, float("-inf"))
+    zt[0] = zt[0] * 3e3  # extreme row
+    zt[0, masked[0]] = float("-inf")
+    for temperature in (0.5, 20.0):
+        kw = dict(temperature=temperature, scale=0.37, soft_loss=soft_loss)
+        expected = meta_cotangent_reference(zt, u, student_logits=zs, **kw)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            if backend == "triton" and dtype == torch.float64:
+                continue
+            w = meta_cotangent(zt.to(dtype), u.to(dtype), student_logits=zs.to(dtype), backend=backend, **kw)
+            assert w.dtype == dtype
+            # compare on the rounded inputs so only the computation's error remains
+            exp_d = meta_cotangent_reference(zt.to(dtype).double(), u.to(dtype).double(),
+                                             student_logits=zs.to(dtype).double(), **kw)  # fmt: skip
+            assert_close(w, exp_d, tol, 2 * tol * 0.37 * u.abs().max().item(), f"{dtype} T={temperature}")
+            assert torch.equal(w[masked], torch.zeros_like(w[masked]))
+            if dtype == torch.float64:
+                assert_close(w, expected, tol, 0.0, "float64 vs unrounded reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_clear_errors():
+    zs, zt, y = make_inputs(3, 5)
+    zs, zt = zs.float(), zt.float()
+    with pytest.raises(ValueError, match="soft_loss"):
+        kd_loss(zs, zt, y, soft_loss="jsd")
+    with pytest.raises(ValueError, match="reduction"):
+        kd_loss(zs, zt, y, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"\(3, 5\).*\(3, 6\)"):
+        kd_loss(zs, torch.zeros(3, 6), y)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(zs, zt, y, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(zs, zt, y, temperature=-1.0)
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            kd_loss(zs, zt, y, alpha=alpha)
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(zs, zt, y[:2])
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(zs, zt, y.float())
+    with pytest.raises(ValueError, match="backend"):
+        kd_loss(zs, zt, y, backend="cuda")
+    with pytest.raises(ValueError, match="floating"):
+        kd_loss(zs.long(), zt.long(), y)
+    with pytest.raises(ValueError, match="soft_loss"):
+        KDLoss(soft_loss="l2")
+    with pytest.raises(ValueError, match="reduction"):
+        kd_loss_reference(zs, zt, y, temperature=1.0, alpha=0.5, reduction="avg")
+    with pytest.raises(ValueError, match="student_logits"):
+        meta_cotangent(zt, zs, temperature=1.0, scale=1.0, soft_loss="mse")
+    with pytest.raises(ValueError, match=r"\(3, 5\).*\(3, 4\)"):
+        meta_cotangent(zt, zs[:, :4], temperature=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        meta_cotangent(zt, zs, temperature=0.0, scale=1.0)
+    with pytest.raises(ValueError, match="soft_loss"):
+        meta_cotangent_reference(zt, zs, temperature=1.0, scale=1.0, soft_loss="kl2")
+
+
+def test_public_api():
+    assert set(K.__all__) >= {
+        "kd_loss", "meta_cotangent", "kd_loss_reference", "meta_cotangent_reference", "KDLoss",
+    }  # fmt: skip
