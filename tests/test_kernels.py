@@ -13,10 +13,9 @@ Tolerances (reference always float64 on the same, already rounded, inputs):
 
 from __future__ import annotations
 
+import metadistil_scale.kernels as K
 import pytest
 import torch
-
-import metadistil_scale.kernels as K
 from metadistil_scale.kernels import (
     KDLoss,
     kd_loss,
@@ -236,7 +235,9 @@ def test_neg_inf_vocabulary_mask(backend, soft_loss, temperature):
             loss_abs=fp32_loss_abs(zs.masked_fill(masked, 0), temperature) if dtype == torch.float32 else 0,
             temperature=temperature, alpha=0.5, soft_loss=soft_loss, reduction=reduction,
         )  # fmt: skip
-    _, grad = run_loss(kd_loss, zs, zt, y, dtype, temperature=temperature, soft_loss=soft_loss, backend=backend)
+    _, grad = run_loss(
+        kd_loss, zs, zt, y, dtype, temperature=temperature, soft_loss=soft_loss, backend=backend
+    )
     assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
 
 
