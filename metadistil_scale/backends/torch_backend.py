@@ -6,11 +6,14 @@ DeepSpeed backend can stand in for it without the step being written twice.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from metadistil_scale.backends import dist
 from metadistil_scale.config import OptimConfig
 
 
@@ -43,7 +46,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimCo
 
 
 class TorchModel:
-    """A model trained in this process (optionally under DDP-style manual gradient averaging)."""
+    """A model trained in this process. Under torchrun it is data-parallel like torch DDP, by hand: the
+    gradients are summed over ranks once per step (losses are already shares of the global batch)."""
 
     def __init__(self, module: nn.Module, optim: OptimConfig | None, total_steps: int = 1) -> None:
         self.module = module
@@ -53,6 +57,11 @@ class TorchModel:
         self.scheduler = (
             lr_schedule(self.optimizer, total_steps, optim) if self.optimizer else None
         )
+        self._grads_reduced = False
+        if dist.world_size() > 1:  # every rank starts from rank 0's weights, as DDP does
+            with torch.no_grad():
+                for t in [*module.parameters(), *module.buffers()]:
+                    torch.distributed.broadcast(t, src=0)
 
     # -- what a step needs
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,40 +75,60 @@ class TorchModel:
 
     def step(self) -> float:
         """Clip, step the optimizer and the schedule, clear gradients; returns the pre-clip grad norm."""
+        self._reduce_grads()
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
         assert self.optimizer is not None and self.scheduler is not None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._grads_reduced = False
         return float(norm)
+
+    def _reduce_grads(self) -> None:
+        """Sum the accumulated gradients over data-parallel ranks, once per step (no-op in one process)."""
+        if not self._grads_reduced:
+            dist.all_reduce_sum_([p.grad for p in self.module.parameters() if p.grad is not None])
+            self._grads_reduced = True
 
     def zero_grad(self) -> None:
         self.module.zero_grad(set_to_none=True)
+        self._grads_reduced = False
 
     def full_grad(self, name: str, param: nn.Parameter) -> torch.Tensor:
-        """The accumulated gradient of one parameter (zeros where it got none)."""
+        """The accumulated gradient of one parameter, summed over ranks (zeros where it got none); between
+        the last backward() of a step and step()."""
+        self._reduce_grads()
         return param.grad if param.grad is not None else torch.zeros_like(param)
 
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sum tensors over data-parallel ranks in place (no-op in one process). Losses are already divided
         by the global row count, so a sum gives the global batch's gradient."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for t in tensors:
-                torch.distributed.all_reduce(t)
+        dist.all_reduce_sum_(tensors)
 
     def all_reduce_sum(self, value: float) -> float:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([value], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            return float(t.item())
-        return value
+        return dist.all_reduce_sum(value)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
 
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Full parameters for the block: always the case here (the DeepSpeed backend gathers ZeRO-3 shards)."""
+        return contextlib.nullcontext()
+
     # -- checkpoints
+    def save_checkpoint(self, folder: Path) -> None:
+        """Into a checkpoint folder beside DeepSpeed engines' (the weights are the same on every rank)."""
+        if dist.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), folder / "model.pt")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from metadistil_scale.checkpoint import load_checkpoint
+
+        self.load_state_dict(load_checkpoint(folder / "model.pt"))
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.module.state_dict()}
         if self.optimizer is not None:

@@ -1,0 +1,149 @@
+"""Data-parallel plumbing shared by both backends: the process group, who this rank is, and collectives on
+tensors and Python values. Every helper is a no-op (or the identity) in a single process, so the trainer reads
+the same with one rank or many.
+
+Ranks come from torchrun or the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from metadistil_scale.config import ConfigError
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that logs, shows progress and writes shared files."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True under torchrun or the deepspeed launcher (which export WORLD_SIZE to every rank)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def init_distributed(use_deepspeed: bool) -> None:
+    """Join the process group the launcher set up. DeepSpeed also wants a group in a single process: there
+    one is made here (world size 1 on a free local port), so `metadistil-scale train` needs no launcher."""
+    if is_initialized():
+        return
+    if use_deepspeed and not launched():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not launched():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+    else:
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _comm_device() -> torch.device:
+    """Where scalar collectives live: NCCL only moves CUDA tensors."""
+    if is_initialized() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over ranks in place, one flat all-reduce per dtype and device instead of one per tensor."""
+    if not is_initialized() or not tensors:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch_dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_sum(value: float) -> float:
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    torch_dist.all_reduce(t)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value on every rank (e.g. its evaluation, so that all ranks take the same decisions)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------- the data-parallel split
+
+
+def local_batch(batch_size: int, micro_batch_size: int | None, key: str) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) of one rank for a global batch: global = micro × ranks × accumulation.
+    Raises ConfigError naming `key` when the batch does not split evenly."""
+    world = world_size()
+    if batch_size % world:
+        raise ConfigError(f"{key}.batch_size={batch_size} is not divisible by the {world} data-parallel ranks")
+    local = batch_size // world
+    micro = micro_batch_size or local
+    if local % micro:
+        raise ConfigError(
+            f"{key}.micro_batch_size={micro_batch_size} does not divide the per-rank batch "
+            f"{batch_size}/{world}={local}"
+        )
+    return micro, local // micro
