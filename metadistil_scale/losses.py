@@ -4,6 +4,10 @@ the create_graph reference path uses the plain-torch loss, which is differentiab
 
 All losses here are *sums* over rows: the caller divides by the number of rows in the whole (global,
 accumulated) batch, so micro-batching and data parallelism give the same result as one large batch.
+Rows labelled -100 (padding tokens of a causal LM) carry no loss.
+
+Causal LMs hand their logits over as HeadLogits (final hidden states and the LM head, lm/chunked.py); every
+function here dispatches on that type to the row-chunked path, so the MetaDistil step is written once.
 """
 
 from __future__ import annotations
@@ -13,9 +17,25 @@ import torch.nn.functional as F
 
 from metadistil_scale.config import DistillConfig
 from metadistil_scale.kernels import kd_loss, kd_loss_reference, meta_cotangent
+from metadistil_scale.lm.chunked import (
+    IGNORE_INDEX,
+    HeadCotangent,
+    HeadLogits,
+    HeadTangent,
+    head_ce_sum,
+    head_central_difference,
+    head_contract,
+    head_cotangent,
+    head_kd_loss_sum,
+    head_tangent,
+)
+
+Logits = torch.Tensor | HeadLogits
 
 
-def hard_loss_sum(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def hard_loss_sum(logits: Logits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if isinstance(logits, HeadLogits):
+        return head_ce_sum(logits, labels)
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="sum")
     return F.cross_entropy(logits, labels, reduction="sum")
@@ -32,6 +52,12 @@ def student_loss_sum(
 ) -> torch.Tensor:
     """α·hard + (1−α)·soft, summed over rows. `through_teacher` keeps the teacher logits differentiable
     (the unrolled reference needs ∂/∂z_t of the student's gradient)."""
+    if isinstance(student_logits, HeadLogits):
+        if not through_teacher:
+            return head_kd_loss_sum(student_logits, teacher_logits, labels, cfg)
+        # The create_graph reference needs a twice-differentiable loss: it materialises [N, V].
+        student_logits, teacher_logits = student_logits.materialize(), teacher_logits.materialize()
+        labels = labels.reshape(-1)
     if regression:
         s, t = student_logits.squeeze(-1), teacher_logits.squeeze(-1)
         if not through_teacher:
@@ -52,8 +78,10 @@ def teacher_cotangent(
     pilot_lr: float,
     n_rows: int,
     regression: bool,
-) -> torch.Tensor:
-    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (DESIGN §2; the mse form is derived in meta.py)."""
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor | HeadCotangent:
+    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (DESIGN §2; the mse form is derived in meta.py).
+    Rows labelled -100 have no loss, hence w = 0 there."""
     if regression:
         # soft = (s − t)²  ⇒  ⟨∇_s, u⟩ = 2(1−α)/N (s − t)·u  ⇒  −λ ∂/∂t = 2λ(1−α)/N · u
         return (2 * pilot_lr * (1 - cfg.alpha) / n_rows) * tangent
@@ -61,7 +89,10 @@ def teacher_cotangent(
         scale = pilot_lr * (1 - cfg.alpha) / n_rows
     else:
         scale = 2 * pilot_lr * (1 - cfg.alpha) / (n_rows * cfg.temperature**2)
-    return meta_cotangent(
+    if isinstance(teacher_logits, HeadLogits):
+        return head_cotangent(teacher_logits, tangent, student_logits, labels, temperature=cfg.temperature,
+                              scale=scale, soft_loss=cfg.soft_loss)
+    w = meta_cotangent(
         teacher_logits.detach(),
         tangent.detach(),
         temperature=cfg.temperature,
@@ -69,3 +100,25 @@ def teacher_cotangent(
         soft_loss=cfg.soft_loss,
         student_logits=None if student_logits is None else student_logits.detach(),
     )
+    if labels is not None and not labels.is_floating_point():
+        w = w * (labels != IGNORE_INDEX).unsqueeze(-1).to(w.dtype)
+    return w
+
+
+def tangent_from_jvp(primal: Logits, tangent: Logits) -> torch.Tensor | HeadTangent:
+    """u from torch.func.jvp's (primal, tangent) output: the tangent itself, or H/W factors for HeadLogits."""
+    return head_tangent(primal, tangent) if isinstance(primal, HeadLogits) else tangent
+
+
+def central_difference(plus: Logits, minus: Logits, eps: float) -> torch.Tensor | HeadTangent:
+    """u ≈ (f(θ+εv) − f(θ−εv)) / 2ε."""
+    if isinstance(plus, HeadLogits):
+        return head_central_difference(plus, minus, eps)
+    return (plus - minus) / (2 * eps)
+
+
+def contract(teacher_logits: Logits, cotangent: torch.Tensor | HeadCotangent) -> torch.Tensor:
+    """The surrogate ⟨z_t, w⟩ whose backward through the teacher gives J_tᵀ w."""
+    if isinstance(teacher_logits, HeadLogits):
+        return head_contract(teacher_logits, cotangent)
+    return (teacher_logits * cotangent).sum()

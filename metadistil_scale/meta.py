@@ -31,7 +31,14 @@ from torch.func import functional_call, jvp
 
 from metadistil_scale.backends.torch_backend import TorchModel, logits_of
 from metadistil_scale.config import DistillConfig, MetaConfig
-from metadistil_scale.losses import hard_loss_sum, student_loss_sum, teacher_cotangent
+from metadistil_scale.losses import (
+    central_difference,
+    contract,
+    hard_loss_sum,
+    student_loss_sum,
+    tangent_from_jvp,
+    teacher_cotangent,
+)
 from metadistil_scale.steps import Batch, count_rows, kd_step
 
 Params = dict[str, torch.Tensor]
@@ -88,11 +95,12 @@ class MetaDistil:
         return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
 
     def _tangent(self, theta: Params, v: Params, inputs: dict[str, torch.Tensor], rng: tuple) -> torch.Tensor:
-        """u = J_s(θs; x)·v, by forward-mode AD or central finite differences."""
+        """u = J_s(θs; x)·v, by forward-mode AD or central finite differences (for a causal LM, as factors
+        from which the chunked path makes u's rows)."""
         if self.meta.u_mode == "jvp":
             with _replayed_rng(rng):
-                _, u = jvp(lambda p: self._student_at(p, inputs), (theta,), (v,))
-            return u
+                primal, tangent = jvp(lambda p: self._student_at(p, inputs), (theta,), (v,))
+            return tangent_from_jvp(primal, tangent)
         norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
         eps = self.meta.fd_epsilon / max(float(norm), 1e-30)
         with torch.no_grad():
@@ -100,7 +108,7 @@ class MetaDistil:
                 plus = self._student_at({k: theta[k] + eps * v[k] for k in theta}, inputs)
             with _replayed_rng(rng):
                 minus = self._student_at({k: theta[k] - eps * v[k] for k in theta}, inputs)
-        return (plus - minus) / (2 * eps)
+        return central_difference(plus, minus, eps)
 
     def _quiz_loss_and_grad(self, params: Params, quiz: list[Batch], want_grad: bool) -> tuple[float, Params]:
         """CE on the quiz batch at `params`, and its gradient (v) when asked; both summed over ranks."""
@@ -197,7 +205,8 @@ class MetaDistil:
             for part, z_t, z_s, rng in zip(parts, teacher_logits, student_logits, rngs):
                 u = self._tangent(theta, v, part["student"], rng)
                 cotangents.append(
-                    teacher_cotangent(z_t, u, z_s, self.distill, self.meta.pilot_lr, n, self.regression)
+                    teacher_cotangent(z_t, u, z_s, self.distill, self.meta.pilot_lr, n, self.regression,
+                                      part["labels"])
                 )
             del v
 
@@ -205,7 +214,7 @@ class MetaDistil:
             beta = self.meta.teacher_ce_weight
             for i, (part, w) in enumerate(zip(parts, cotangents)):
                 z_t = teacher_logits[i] if fast else self.teacher(part["teacher"])
-                surrogate = (z_t * w).sum()
+                surrogate = contract(z_t, w)
                 if beta > 0:
                     surrogate = surrogate + beta * hard_loss_sum(z_t, part["labels"], self.regression) / n
                 self.teacher.backward(surrogate)

@@ -10,14 +10,20 @@ import torch
 
 from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.config import DistillConfig
+from metadistil_scale.lm.chunked import IGNORE_INDEX
 from metadistil_scale.losses import hard_loss_sum, student_loss_sum
 
 Batch = dict
 
 
 def count_rows(parts: list[Batch], model: TorchModel) -> int:
-    """Rows of the global batch: local rows summed over data-parallel ranks."""
-    return int(model.all_reduce_sum(float(sum(len(p["labels"]) for p in parts))))
+    """Rows of the global batch: local rows summed over data-parallel ranks. Rows labelled -100 (a causal
+    LM's padding and document ends) carry no loss and do not count."""
+    return int(model.all_reduce_sum(float(sum(_loss_rows(p["labels"]) for p in parts))))
+
+
+def _loss_rows(labels: torch.Tensor) -> int:
+    return len(labels) if labels.is_floating_point() else int((labels != IGNORE_INDEX).sum())
 
 
 def finetune_step(model: TorchModel, parts: list[Batch], role: str, regression: bool) -> dict[str, float]:
