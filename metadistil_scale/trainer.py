@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,13 @@ from metadistil_scale.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from metadistil_scale.config import Config, StageConfig, config_to_dict, save_config
+from metadistil_scale.config import IMAGE_TASKS, Config, StageConfig, config_to_dict, save_config
+from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.metrics import compute_metrics, primary_metric
-from metadistil_scale.models.text import load_classifier, load_tokenizer
+from metadistil_scale.models import load_model, load_saved_like, save_model, saved_model_exists
+from metadistil_scale.models.text import load_tokenizer
 from metadistil_scale.steps import finetune_step, kd_step
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -78,13 +81,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 @dataclass
 class Task:
-    """Everything a stage needs to know about the data."""
+    """Everything a stage needs to know about the data (image tasks have no tokenizers)."""
 
     splits: Any
     info: TaskInfo
-    collate: TextCollator
-    teacher_tokenizer: Any
-    student_tokenizer: Any
+    collate: TextCollator | Callable[[Any], dict]
+    teacher_tokenizer: Any = None
+    student_tokenizer: Any = None
 
     def rows(self, split: str) -> list[dict]:
         return self.splits[split]
@@ -92,6 +95,8 @@ class Task:
 
 def load_task(cfg: Config) -> Task:
     d = cfg.data
+    if d.task in IMAGE_TASKS:
+        return Task(*load_image_task(d, DTYPES[cfg.dtype]))
     splits, info = load_text_task(
         d.task, d.data_files, split_seed=d.split_seed, dev_fraction=d.dev_fraction, test_fraction=d.test_fraction,
         quiz_fraction=d.quiz_fraction, max_train_examples=d.max_train_examples,
@@ -183,7 +188,10 @@ def run_stage(
     teacher_model = None
     if teacher is not None:
         teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
-        teacher_model = TorchModel(teacher, cfg.meta.teacher_optim if trains_teacher else None, steps)
+        # Its schedule (warmup, decays) spans its own updates: every `interval` steps after `frozen_steps`.
+        teacher_updates = len(range(cfg.meta.frozen_steps, steps, cfg.meta.interval))
+        teacher_model = TorchModel(teacher, cfg.meta.teacher_optim if trains_teacher else None,
+                                   max(1, teacher_updates))
     meta = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, regression) if trains_teacher else None
     quiz_stream = pilot_stream = None
     if trains_teacher:
@@ -278,17 +286,14 @@ def run_stage(
 
 
 def _save_models(folder: Path, model: nn.Module, teacher: nn.Module | None, task: Task, role: str) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    (task.teacher_tokenizer if role == "teacher" else task.student_tokenizer).save_pretrained(folder)
+    save_model(model, folder, task.teacher_tokenizer if role == "teacher" else task.student_tokenizer)
     if teacher is not None:
-        teacher.save_pretrained(folder / "teacher", safe_serialization=True)
-        task.teacher_tokenizer.save_pretrained(folder / "teacher")
+        save_model(teacher, folder / "teacher", task.teacher_tokenizer)
 
 
 def _load_best(folder: Path, like: nn.Module) -> nn.Module:
     """The saved best weights, in a model of the live one's class, dtype and device."""
-    model = type(like).from_pretrained(folder, dtype=like.dtype, attn_implementation=like.config._attn_implementation)
-    return model.to(next(like.parameters()).device)
+    return load_saved_like(folder, like)
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -313,11 +318,10 @@ def load_done(out_dir: Path, expected_config: dict | None = None) -> StageResult
 
 
 def build_models(cfg: Config, info: TaskInfo, teacher_source: str, device) -> tuple[nn.Module, nn.Module]:
-    dtype = DTYPES[cfg.dtype]
-    teacher = load_classifier(teacher_source, info.num_labels, attn_implementation=cfg.model.attn_implementation,
-                              dtype=dtype)
-    student = load_classifier(cfg.model.student, info.num_labels, num_layers=cfg.model.student_layers,
-                              attn_implementation=cfg.model.attn_implementation, dtype=dtype)
+    common = dict(in_channels=getattr(info, "in_channels", None), attn_implementation=cfg.model.attn_implementation,
+                  dtype=DTYPES[cfg.dtype])
+    teacher = load_model(teacher_source, info.num_labels, **common)
+    student = load_model(cfg.model.student, info.num_labels, num_layers=cfg.model.student_layers, **common)
     return teacher.to(device), student.to(device)
 
 
@@ -335,14 +339,14 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
         return Path(cfg.model.teacher_checkpoint), None
     folder = out / "teacher"
     done = load_done(folder)
-    if done is not None and (folder / "best" / "model.safetensors").exists():
+    if done is not None and saved_model_exists(folder / "best"):
         ckpt_config = json.loads((folder / "done.json").read_text())["config"]
         if ckpt_config == stage_fingerprint(cfg, "teacher", "finetune"):
             tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
             return folder / "best", done
     seed_everything(cfg.seed)
-    teacher = load_classifier(cfg.model.teacher, task.info.num_labels,
-                              attn_implementation=cfg.model.attn_implementation, dtype=DTYPES[cfg.dtype]).to(device)
+    teacher = load_model(cfg.model.teacher, task.info.num_labels, in_channels=getattr(task.info, "in_channels", None),
+                         attn_implementation=cfg.model.attn_implementation, dtype=DTYPES[cfg.dtype]).to(device)
     result = run_stage("teacher", "finetune", cfg, task, folder, teacher, None, resume=resume, stop_after=stop_after)
     return folder / "best", result
 
