@@ -1,4 +1,4 @@
-"""`metadistil-scale` command line: train (the main job) and config inspection."""
+"""`metadistil-scale` command line: train (the main job), experiment (methods × seeds) and config inspection."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoints")
     train.add_argument("--stop-after", type=int, metavar="STEPS",
                        help="checkpoint and stop once the running stage reaches STEPS steps (pre-emption)")
+    experiment = sub.add_parser("experiment", help="run every method once per seed in `seeds`; write summary "
+                                "tables (mean ± std, metadistil − kd paired 95%% interval) and dev-curve plots")
+    _common(experiment)
+    experiment.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     show = sub.add_parser("config", help="print the resolved, validated config")
     _common(show)
     return parser
@@ -75,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         from metadistil_scale.trainer import StopRequested, train
 
         hf_logging.set_verbosity_error()
+        if args.command == "experiment":
+            from metadistil_scale.experiment import run_experiment
+            from metadistil_scale.report import format_table
+
+            print(format_table(run_experiment(cfg, resume=args.resume)))
+            print(f"summary: {Path(cfg.output_dir) / 'summary.md'}")
+            return 0
         try:
             results = train(cfg, resume=args.resume, stop_after=args.stop_after)
         except StopRequested as stop:

@@ -1,0 +1,127 @@
+"""The comparison the paper makes, with seeds: every method in `cfg.methods` once per seed in `cfg.seeds`.
+
+Layout under `output_dir`:
+
+    seed_<s>/teacher/          the teacher fine-tuned for seed s, shared by that seed's methods
+    seed_<s>/<method>/         one run (metrics.jsonl, best/, done.json), as `train` writes it
+    runs.json, runs.csv        one record per run: test metric, teacher's metric, dev curves, wall time
+    summary.{json,csv,md}      mean ± std per method and metadistil − kd paired over seeds (95% t-interval)
+    dev_curves.png             the student's dev metric against steps (mean and min–max over seeds)
+    teacher_dev_curves.png     the teacher's own dev metric during the runs that train it
+
+A finished run (done.json written under the same configuration) is reused, so an interrupted experiment
+continues where it stopped; `resume` also continues the unfinished run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from metadistil_scale.checkpoint import atomic_write_text, seed_everything
+from metadistil_scale.config import Config, save_config
+from metadistil_scale.metrics import primary_metric
+from metadistil_scale.report import plot_curves, summarize, write_summary
+from metadistil_scale.trainer import (
+    StageResult,
+    build_models,
+    evaluate,
+    fine_tune_teacher,
+    load_done,
+    load_task,
+    resolve_device,
+    run_stage,
+    stage_fingerprint,
+)
+
+TEACHER = "teacher"  # the fine-tuned teacher's row in the table (its test metric before any distillation)
+RUN_COLUMNS = ("method", "seed", "metric", "teacher_metric", "best_dev", "best_step", "steps", "wall_time_s")
+
+
+def read_curves(metrics_path: Path, metric: str) -> tuple[list[list[float]], list[list[float]]]:
+    """[[step, dev metric], ...] of the student and of the teacher (MetaDistil runs) from a metrics.jsonl."""
+    student, teacher = [], []
+    for line in metrics_path.read_text().splitlines():
+        if not line:
+            continue
+        record = json.loads(line)
+        if f"dev_{metric}" in record:
+            student.append([record["step"], record[f"dev_{metric}"]])
+        if f"teacher_dev_{metric}" in record:
+            teacher.append([record["step"], record[f"teacher_dev_{metric}"]])
+    return student, teacher
+
+
+def run_record(result: StageResult, seed: int, metric: str, folder: Path, teacher_metric: float | None) -> dict:
+    curve, teacher_curve = read_curves(folder / "metrics.jsonl", metric)
+    if result.teacher_test is not None:  # the teacher was trained: report it as it ended
+        teacher_metric = result.teacher_test[metric]
+    return {"method": result.method, "seed": seed, "metric": result.test[metric], "teacher_metric": teacher_metric,
+            "best_dev": result.best_dev, "best_step": result.best_step, "steps": result.steps,
+            "wall_time_s": result.wall_time_s, "curve": curve, "teacher_curve": teacher_curve}
+
+
+def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Run methods × seeds, then write the records, the summary tables and the plots. Returns the summary."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg)
+    task = load_task(cfg)  # the splits depend on data.split_seed only: one task serves every seed
+    metric = primary_metric(task.info.metric)
+
+    records = []
+    for seed in cfg.seeds:
+        run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"seed_{seed}"))
+        seed_dir = Path(run_cfg.output_dir)
+        teacher_dir, teacher_result = fine_tune_teacher(run_cfg, task, seed_dir, device, resume, None)
+        if teacher_result is None:  # a given teacher checkpoint: measure it
+            teacher, _ = build_models(run_cfg, task.info, str(teacher_dir), device)
+            teacher_metric = evaluate(teacher, "teacher", task, "test", cfg.eval_batch_size, device)[metric]
+        else:
+            teacher_metric = teacher_result.test[metric]
+        records.append({"method": TEACHER, "seed": seed, "metric": teacher_metric, "teacher_metric": None,
+                        "wall_time_s": teacher_result.wall_time_s if teacher_result else 0.0})
+
+        for method in cfg.methods:
+            folder = seed_dir / method
+            expected = json.loads(json.dumps(stage_fingerprint(run_cfg, method, method)))
+            result = load_done(folder, expected)
+            if result is None:
+                seed_everything(seed)
+                teacher, student = build_models(run_cfg, task.info, str(teacher_dir), device)
+                result = run_stage(method, method, run_cfg, task, folder, student,
+                                   None if method == "finetune" else teacher, resume=resume)
+            else:
+                tqdm.write(f"[seed {seed}] reusing the finished {method} run in {folder}")
+            records.append(run_record(result, seed, metric, folder,
+                                      None if method == "finetune" else teacher_metric))
+            tqdm.write(f"[seed {seed}] {method}: test {metric} {records[-1]['metric']:.4f} "
+                       f"({result.wall_time_s:.0f} s)")
+
+    return write_report(records, out, task=task.info.name, metric=metric)
+
+
+def write_report(records: list[dict], out: Path, *, task: str, metric: str) -> dict[str, Any]:
+    """runs.json/csv, summary.{json,csv,md} and the two curve plots from the run records."""
+    summary = summarize(records)
+    summary.update(task=task, metric=metric)
+    atomic_write_text(json.dumps(records, indent=2) + "\n", out / "runs.json")
+    with (out / "runs.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(RUN_COLUMNS)
+        for r in records:
+            writer.writerow([r.get(k, "") if r.get(k) is not None else "" for k in RUN_COLUMNS])
+    write_summary(summary, out)
+    runs = [r for r in records if r["method"] != TEACHER]
+    plot_curves(runs, out / "dev_curves.png")
+    teacher_runs = [{"method": r["method"], "seed": r["seed"], "metric": r["teacher_metric"],
+                     "curve": r["teacher_curve"]} for r in runs if r.get("teacher_curve")]
+    if teacher_runs:
+        plot_curves(teacher_runs, out / "teacher_dev_curves.png")
+    return summary
