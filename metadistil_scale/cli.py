@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "tables (mean ± std, metadistil − kd paired 95%% interval) and dev-curve plots")
     _common(experiment)
     experiment.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+    lm = sub.add_parser("lm-train", help="causal-LM distillation: no-distillation, KD and MetaDistil students, "
+                        "held-out perplexity (default: SmolLM2-135M and its every-other-layer student on the KJV)")
+    lm.add_argument("--config", help="YAML recipe (e.g. configs/lm_smollm2_kjv.yaml; default: the embedded run)")
+    lm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set student_train.max_steps=5 (repeatable)")
+    lm.add_argument("--output-dir", help="shorthand for --set output_dir=...")
     show = sub.add_parser("config", help="print the resolved, validated config")
     _common(show)
     return parser
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     from metadistil_scale.models.text import ModelError
 
     try:
+        if args.command == "lm-train":
+            from metadistil_scale.lm.recipe import lm_train
+
+            return lm_train(args.config, args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
         cfg = _load(args)
         if args.command == "config":
             save_config(cfg, Path("/dev/stdout"))

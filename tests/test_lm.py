@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -354,3 +355,47 @@ def test_copy_of_batch_inputs_is_shared_by_teacher_and_student():
     b = batch("packed", 4, seed=0)
     assert b["teacher"] is b["student"] and b["labels"].dim() == 1
     assert copy.deepcopy(b)["labels"].shape[0] == b["teacher"]["input_ids"].numel()
+
+
+# ---------------------------------------------------------------- the recipe end to end
+
+
+def save_tiny(folder, lm, tokenizer) -> str:
+    lm.float().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_corpus(path, words: list[str], n_docs: int = 40) -> str:
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (int(k),), generator=g).tolist())
+            for k in torch.randint(3, 12, (n_docs,), generator=g)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return str(path)
+
+
+def test_lm_train_cli_runs_each_method_and_refuses_a_foreign_tokenizer(tmp_path, capsys):
+    from metadistil_scale.cli import main
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    tokenizer = word_tokenizer(words)
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), tokenizer)
+    corpus = tiny_corpus(tmp_path / "corpus.txt", words)
+    common = [f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16", "data.quiz_fraction=0.1",
+              "data.heldout_fraction=0.1", "student_train.batch_size=2", "student_train.max_steps=2",
+              "meta.quiz_batch_size=2", "model.chunk_rows=5", "model.student_layers=[1]", "eval_batch_size=4"]
+    code = main(["lm-train", "--output-dir", str(tmp_path / "run"),
+                 *[x for o in common for x in ("--set", o)],
+                 "--set", "methods=[finetune, kd, metadistil]"])
+    assert code == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["-", "initial", "finetune", "kd", "metadistil"]
+    assert all(math.isfinite(r["heldout"]["perplexity"]) and r["heldout"]["tokens"] > 0 for r in results["rows"])
+    assert "teacher_heldout_after" in results["rows"][-1]
+    assert "| student | metadistil | 2 |" in capsys.readouterr().out
+
+    foreign = save_tiny(tmp_path / "foreign", tiny_llama(1, seed=1), word_tokenizer(words[::-1]))
+    code = main(["lm-train", "--output-dir", str(tmp_path / "bad"), *[x for o in common for x in ("--set", o)],
+                 "--set", f"model.student={foreign}"])
+    assert code == 2
+    assert "teacher and student tokenizers differ" in capsys.readouterr().err

@@ -1,0 +1,344 @@
+"""The causal-LM distillation run: a teacher LM, a student (by default every other layer of the teacher), a
+corpus split by document, and one student per method — `finetune` (no distillation: next-token CE only), `kd`
+and `metadistil` (or `metadistil-no-pilot`) — reported by held-out perplexity and next-token accuracy.
+
+The default is the embedded one: SmolLM2-135M-Instruct (GGUF, de-quantised once and cached) teaching its own
+every-other-layer 15-layer student on the King James Bible, with a small budget for a CPU. The steps are the ones
+the classification recipe uses (steps.py, meta.py); only the logits differ: they travel as HeadLogits and every
+[tokens × vocabulary] tensor is made in row chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from metadistil_scale.backends.torch_backend import TorchModel
+from metadistil_scale.checkpoint import atomic_write_text, seed_everything
+from metadistil_scale.config import (
+    METHODS,
+    ConfigError,
+    DistillConfig,
+    MetaConfig,
+    OptimConfig,
+    StageConfig,
+    _build,
+    _require,
+    _set_dotted,
+    _validate_optim,
+    _validate_stage,
+    parse_override,
+)
+from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
+from metadistil_scale.lm.data import EMBEDDED_KJV, LMRows, build_splits
+from metadistil_scale.lm.models import (
+    EMBEDDED_SMOLLM2,
+    CausalLMHead,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_lm_tokenizer,
+    num_layers,
+    select_layers,
+    student_from_layers,
+)
+from metadistil_scale.meta import MetaDistil
+from metadistil_scale.steps import finetune_step, kd_step
+from metadistil_scale.trainer import DTYPES, BatchStream, resolve_device, to_device
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class LMDataConfig:
+    source: str = EMBEDDED_KJV  # or a .txt/.jsonl/.json/.parquet file or a folder of them
+    text_field: str = "text"  # the text column of jsonl/parquet
+    sample_by: str = "paragraph"  # documents of a .txt: line | paragraph | document
+    seq_len: int = 64
+    packed: bool = True  # False: one right-padded row (or more) per document, with an attention mask
+    quiz_fraction: float = 0.05
+    heldout_fraction: float = 0.05
+    split_seed: int = 0
+    max_documents: int | None = None
+    max_heldout_rows: int | None = 32  # caps the evaluation cost; None = the whole held-out split
+
+
+@dataclass
+class LMModelConfig:
+    teacher: str = EMBEDDED_SMOLLM2  # a folder, a hub name, a .gguf file or the embedded SmolLM2
+    # Another model with the teacher's tokenizer; None: the teacher's own layers `student_layers`.
+    student: str | None = None
+    student_layers: int | list[int] | str = "every-other"
+    # The student needs an attention with forward-mode AD for u_mode=jvp; the teacher only runs forward/backward.
+    attn_implementation: str = "eager"
+    teacher_attn_implementation: str = "sdpa"
+    chunk_rows: int | None = None  # rows per logits chunk; None: about 4M logits per chunk
+    materialize: bool = False  # the [N, V] baseline, for comparison
+    cache_dir: str | None = None  # where a GGUF model is kept de-quantised
+
+
+@dataclass
+class LMConfig:
+    output_dir: str = "runs/lm_smollm2_kjv"
+    methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "metadistil"])
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    eval_batch_size: int = 8
+    log_every: int = 1
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(alpha=0.5, temperature=2.0))
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(
+        pilot_lr=1e-4, quiz_batch_size=4, teacher_optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_ratio=0.0)))
+    student_train: StageConfig = field(default_factory=lambda: StageConfig(
+        batch_size=4, max_steps=10, optim=OptimConfig(lr=2e-4, warmup_ratio=0.0)))
+
+
+def load_lm_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LMConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    config = _build(LMConfig, raw)
+    validate_lm(config)
+    return config
+
+
+def validate_lm(c: LMConfig) -> None:
+    _require(len(c.methods) > 0, "methods", "at least one method", c.methods)
+    for i, m in enumerate(c.methods):
+        _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    _require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
+    _require(c.eval_batch_size >= 1, "eval_batch_size", ">= 1", c.eval_batch_size)
+    d = c.data
+    _require(d.seq_len >= 2, "data.seq_len", ">= 2", d.seq_len)
+    for key in ("quiz_fraction", "heldout_fraction"):
+        _require(0 < getattr(d, key) < 0.5, f"data.{key}", "in (0, 0.5)", getattr(d, key))
+    _require(d.sample_by in ("line", "paragraph", "document"), "data.sample_by", "line, paragraph or document",
+             d.sample_by)
+    m = c.model
+    _require(m.chunk_rows is None or m.chunk_rows >= 1, "model.chunk_rows", ">= 1 or null", m.chunk_rows)
+    _require(c.distill.soft_loss in ("kl", "mse"), "distill.soft_loss", "kl or mse", c.distill.soft_loss)
+    _require(0 <= c.distill.alpha <= 1, "distill.alpha", "in [0, 1]", c.distill.alpha)
+    _require(c.meta.u_mode in ("jvp", "finite-difference", "unrolled"), "meta.u_mode",
+             "jvp, finite-difference or unrolled", c.meta.u_mode)
+    _validate_optim(c.meta.teacher_optim, "meta.teacher_optim")
+    _validate_stage(c.student_train, "student_train")
+
+
+# ---------------------------------------------------------------- models and evaluation
+
+
+def build_lm_models(cfg: LMConfig, device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
+    """Teacher LM, student LM and the (shared) tokenizer; a student with another tokenizer is refused."""
+    m = cfg.model
+    cache = Path(m.cache_dir).expanduser() if m.cache_dir else None
+    dtype = DTYPES[cfg.dtype]
+    tokenizer = load_lm_tokenizer(m.teacher, cache)
+    teacher = load_causal_lm(m.teacher, dtype=dtype, attn_implementation=m.teacher_attn_implementation,
+                             cache_dir=cache)
+    if m.student is None:
+        student = student_from_layers(teacher, select_layers(m.student_layers, num_layers(teacher)))
+        student.set_attn_implementation(m.attn_implementation)
+    else:
+        student = load_causal_lm(m.student, dtype=dtype, attn_implementation=m.attn_implementation, cache_dir=cache)
+        check_same_tokenizer(tokenizer, load_lm_tokenizer(m.student, cache), teacher, student)
+    return teacher.to(device), student.to(device), tokenizer
+
+
+def wrap(lm: nn.Module, cfg: LMConfig) -> CausalLMHead:
+    return CausalLMHead(lm, chunk_rows=cfg.model.chunk_rows, materialize=cfg.model.materialize)
+
+
+@torch.no_grad()
+def evaluate_lm(model: CausalLMHead, rows: LMRows, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Held-out perplexity exp(mean CE) and next-token accuracy over the tokens that have a target."""
+    was_training = model.training
+    model.eval()
+    ce, correct, count = 0.0, 0, 0
+    chunked = CausalLMHead(model.lm, chunk_rows=model.chunk_rows)  # evaluation never needs [N, V] at once
+    for start in range(0, len(rows), batch_size):
+        batch = to_device(rows.batch(list(range(start, min(start + batch_size, len(rows))))), device)
+        logits: HeadLogits = chunked(**batch["student"])
+        c, k, n = head_eval_stats(logits, batch["labels"])
+        ce, correct, count = ce + c, correct + k, count + n
+    model.train(was_training)
+    return {"perplexity": math.exp(ce / count), "token_accuracy": correct / count, "loss": ce / count,
+            "tokens": count}
+
+
+class _RowIndex:
+    """BatchStream's dataset protocol over LMRows: selecting rows gives their indices, batched by LMRows.batch."""
+
+    def __init__(self, rows: LMRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, ids: list[int]) -> list[int]:
+        return ids
+
+
+def _stream(rows: LMRows, batch_size: int, seed: int, micro: int | None) -> BatchStream:
+    return BatchStream(_RowIndex(rows), min(batch_size, len(rows)), seed, rows.batch, micro)
+
+
+# ---------------------------------------------------------------- one method
+
+
+def train_method(
+    method: str,
+    cfg: LMConfig,
+    base_teacher: nn.Module,
+    base_student: nn.Module,
+    splits: dict[str, LMRows],
+    device: torch.device,
+    log_path: Path,
+) -> dict[str, Any]:
+    """Train a fresh copy of the student with `method`; returns the held-out metrics and timings."""
+    seed_everything(cfg.seed)
+    stage = cfg.student_train
+    steps = stage.max_steps or max(1, math.ceil(stage.epochs * (len(splits["train"]) // stage.batch_size)))
+    trains_teacher = method.startswith("metadistil")
+    student = TorchModel(wrap(copy.deepcopy(base_student), cfg), stage.optim, steps)
+    teacher = None
+    if method != "finetune":
+        teacher_lm = copy.deepcopy(base_teacher) if trains_teacher else base_teacher
+        teacher_lm.eval()
+        teacher = TorchModel(wrap(teacher_lm, cfg), cfg.meta.teacher_optim if trains_teacher else None, steps)
+    stream = _stream(splits["train"], stage.batch_size, cfg.seed, stage.micro_batch_size)
+    meta = quiz_stream = pilot_stream = None
+    if trains_teacher:
+        meta = MetaDistil(teacher, student, cfg.distill, cfg.meta)
+        quiz_stream = _stream(splits["quiz"], cfg.meta.quiz_batch_size, cfg.meta.quiz_seed, stage.micro_batch_size)
+        if method == "metadistil-no-pilot":
+            pilot_stream = _stream(splits["train"], stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
+
+    student.module.train()
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        for step in range(steps):
+            parts = to_device(stream(step), device)
+            t0 = time.perf_counter()
+            if method == "finetune":
+                record = finetune_step(student, parts, "student", regression=False)
+            elif method == "kd":
+                record = kd_step(teacher, student, parts, cfg.distill, regression=False)
+            else:
+                update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
+                quiz = to_device(quiz_stream(step), device) if update else []
+                pilot = to_device(pilot_stream(step), device) if update and pilot_stream else None
+                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot)
+            record.update(step=step + 1, step_time_s=time.perf_counter() - t0)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(f"[{method}] step {step + 1}/{steps} loss {record['loss']:.4f} "
+                      f"({record['step_time_s']:.1f} s)", flush=True)
+    train_time = time.perf_counter() - started
+    result = {"method": method, "steps": steps, "train_time_s": train_time, "step_time_s": train_time / steps,
+              "heldout": evaluate_lm(student.module, splits["heldout"], cfg.eval_batch_size, device)}
+    if trains_teacher:
+        result["teacher_heldout_after"] = evaluate_lm(teacher.module, splits["heldout"], cfg.eval_batch_size, device)
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_lm(cfg: LMConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), out / "config.yaml")
+    device = resolve_device(cfg)
+    seed_everything(cfg.seed)
+    teacher, student, tokenizer = build_lm_models(cfg, device)
+    d = cfg.data
+    splits = build_splits(d.source, tokenizer, seq_len=d.seq_len, packed=d.packed, quiz_fraction=d.quiz_fraction,
+                          heldout_fraction=d.heldout_fraction, seed=d.split_seed, text_field=d.text_field,
+                          sample_by=d.sample_by, max_documents=d.max_documents)
+    if d.max_heldout_rows is not None and len(splits["heldout"]) > d.max_heldout_rows:
+        splits["heldout"] = _first_rows(splits["heldout"], d.max_heldout_rows)
+    sizes = {k: {"rows": len(v), "tokens": v.num_tokens} for k, v in splits.items()}
+    print(f"data: {json.dumps(sizes)}", flush=True)
+
+    rows = [{"model": "teacher", "method": "-", "steps": 0,
+             "heldout": evaluate_lm(wrap(teacher, cfg), splits["heldout"], cfg.eval_batch_size, device)},
+            {"model": "student", "method": "initial", "steps": 0,
+             "heldout": evaluate_lm(wrap(student, cfg), splits["heldout"], cfg.eval_batch_size, device)}]
+    for method in cfg.methods:
+        rows.append({"model": "student", **train_method(method, cfg, teacher, student, splits, device,
+                                                         out / f"{method}.jsonl")})
+    results = {
+        "teacher": cfg.model.teacher, "data": d.source, "seed": cfg.seed, "splits": sizes,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "rows": rows, "wall_time_s": time.perf_counter() - started,
+    }
+    atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    atomic_write_text(results_markdown(results), out / "results.md")
+    return results
+
+
+def _first_rows(rows: LMRows, n: int) -> LMRows:
+    cut = slice(0, n)
+    return LMRows(rows.input_ids[cut], rows.labels[cut],
+                  position_ids=None if rows.position_ids is None else rows.position_ids[cut],
+                  attention_mask=None if rows.attention_mask is None else rows.attention_mask[cut])
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| model | method | steps | held-out perplexity | token accuracy | teacher perplexity after | "
+        "train time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        after = r.get("teacher_heldout_after")
+        trained = "train_time_s" in r
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['steps']} | {r['heldout']['perplexity']:.2f} | "
+            f"{r['heldout']['token_accuracy']:.4f} | {_fmt(after and after['perplexity'], '.2f')} | "
+            f"{_fmt(trained and r['train_time_s'], '.0f')} | {_fmt(trained and r['step_time_s'], '.1f')} |"
+        )
+    tokens = results["rows"][0]["heldout"]["tokens"]
+    lines.append("")
+    lines.append(f"Held-out: {tokens} tokens; total wall time {results['wall_time_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or value is False else format(value, spec)
+
+
+def lm_train(config: str | None, overrides: list[str]) -> int:
+    """The `metadistil-scale lm-train` entry: run, print the table, say where the results are."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cfg = load_lm_config(config, overrides)
+    results = run_lm(cfg)
+    print(results_markdown(results))
+    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    return 0
