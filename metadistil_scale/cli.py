@@ -15,6 +15,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set student_train.max_steps=50 (repeatable)")
     parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    parser.add_argument("--deepspeed-teacher", metavar="JSON",
+                        help="DeepSpeed config for the teacher (shorthand for --set deepspeed_teacher=...)")
+    parser.add_argument("--deepspeed-student", metavar="JSON",
+                        help="DeepSpeed config for the student (shorthand for --set deepspeed_student=...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,9 @@ def _load(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    for key in ("deepspeed_teacher", "deepspeed_student"):
+        if getattr(args, key):
+            overrides.append(f"{key}={getattr(args, key)}")
     return load_config(args.config, overrides)
 
 
@@ -86,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from transformers.utils import logging as hf_logging
 
+        from metadistil_scale.backends.dist import is_main
         from metadistil_scale.trainer import StopRequested, train
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         if args.command == "experiment":
             from metadistil_scale.experiment import run_experiment
             from metadistil_scale.report import format_table
@@ -99,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = train(cfg, resume=args.resume, stop_after=args.stop_after)
         except StopRequested as stop:
-            print(stop)
+            if is_main():
+                print(stop)
             return 3
-        print_table(results)
-        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+        if is_main():  # every rank of a data-parallel run ends here with the same results
+            print_table(results)
+            print(f"results: {Path(cfg.output_dir) / 'results.json'}")
         return 0
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ data position is a function of the step), so a resumed run ends with the metrics
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,18 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from metadistil_scale.backends.torch_backend import TorchModel
-from metadistil_scale.checkpoint import (
-    CheckpointError,
-    atomic_dir,
-    atomic_save,
-    atomic_write_text,
-    check_fingerprint,
-    load_checkpoint,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from metadistil_scale.backends import check_distributed, dist, make_model
+from metadistil_scale.backends.checkpointing import StageCheckpoint
+from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_write_text, seed_everything
 from metadistil_scale.config import IMAGE_TASKS, Config, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
@@ -53,19 +45,26 @@ class StopRequested(Exception):
 
 class BatchStream:
     """Deterministic batches: epoch e is a permutation drawn from (seed, e); step k is its (k mod E)-th batch.
-    The position is a function of the step alone, which is what makes resume exact."""
+    The position is a function of the step alone, which is what makes resume exact. With data parallelism every
+    rank draws the same global batch and keeps its own contiguous slice, in micro-batches."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, collate, micro_batch_size: int | None) -> None:
+    def __init__(self, dataset, batch_size: int, seed: int, collate, micro_batch_size: int | None,
+                 rank: int = 0, world: int = 1) -> None:
         if len(dataset) < batch_size:
             raise ValueError(f"the split has {len(dataset)} examples, fewer than one batch of {batch_size}")
+        if batch_size % world:
+            raise ValueError(f"a batch of {batch_size} does not split over {world} data-parallel ranks")
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.micro = micro_batch_size or batch_size
+        self.local = batch_size // world
+        self.start = rank * self.local
+        self.micro = micro_batch_size or self.local
         self.per_epoch = len(dataset) // batch_size  # drop_last: every step sees a full batch
 
     def __call__(self, step: int) -> list[dict]:
         epoch, index = divmod(step, self.per_epoch)
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         ids = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        ids = ids[self.start : self.start + self.local]
         return [self.collate(self.dataset.select(ids[i : i + self.micro])) for i in range(0, len(ids), self.micro)]
 
 
@@ -179,61 +178,69 @@ def run_stage(
     role = "teacher" if name == "teacher" else "student"
     train_rows = task.rows("train")
     steps = total_steps(stage, len(train_rows))
-    stream = BatchStream(train_rows, stage.batch_size, cfg.seed, task.collate, stage.micro_batch_size)
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    stream = BatchStream(train_rows, stage.batch_size, cfg.seed, task.collate, stage.micro_batch_size, rank, world)
     regression = task.info.is_regression
     metric_key = primary_metric(task.info.metric)
 
     trains_teacher = method.startswith("metadistil")
-    student_model = TorchModel(student, stage.optim, steps)
+    stage_key = "teacher_finetune" if name == "teacher" else "student_train"
+    batching = dict(batch_size=stage.batch_size, micro_batch_size=stage.micro_batch_size, stage_key=stage_key)
+    ds_key = "deepspeed_teacher" if name == "teacher" else "deepspeed_student"
+    student_model = make_model(student, stage.optim, steps, ds_config=getattr(cfg, ds_key), ds_key=ds_key,
+                               optim_key=f"{stage_key}.optim", functional=trains_teacher, **batching)
     teacher_model = None
     if teacher is not None:
         teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
         # Its schedule (warmup, decays) spans its own updates: every `interval` steps after `frozen_steps`.
         teacher_updates = len(range(cfg.meta.frozen_steps, steps, cfg.meta.interval))
-        teacher_model = TorchModel(teacher, cfg.meta.teacher_optim if trains_teacher else None,
-                                   max(1, teacher_updates))
+        teacher_model = make_model(teacher, cfg.meta.teacher_optim if trains_teacher else None,
+                                   max(1, teacher_updates), ds_config=cfg.deepspeed_teacher,
+                                   ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
     meta = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, regression) if trains_teacher else None
     quiz_stream = pilot_stream = None
     if trains_teacher:
-        quiz_stream = BatchStream(task.rows("quiz"), min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))),
-                                  cfg.meta.quiz_seed, task.collate, stage.micro_batch_size and
-                                  min(stage.micro_batch_size, cfg.meta.quiz_batch_size))
+        # Every rank takes an equal slice of the quiz batch (a small quiz set rounds it down to fit).
+        quiz_size = min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))) // world * world
+        quiz_stream = BatchStream(task.rows("quiz"), quiz_size, cfg.meta.quiz_seed, task.collate,
+                                  stage.micro_batch_size and min(stage.micro_batch_size, quiz_size // world),
+                                  rank, world)
         if method == "metadistil-no-pilot":
             pilot_stream = BatchStream(train_rows, stage.batch_size, cfg.seed + 7919, task.collate,
-                                       stage.micro_batch_size)
+                                       stage.micro_batch_size, rank, world)
 
     fingerprint = stage_fingerprint(cfg, name, method)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, metrics_path = out_dir / "last.pt", out_dir / "metrics.jsonl"
+    metrics_path = out_dir / "metrics.jsonl"
+    # Both engines when the teacher trains; their optimizers, schedules, the RNG and the step.
+    last = StageCheckpoint(out_dir, fingerprint,
+                           {"student": student_model, **({"teacher": teacher_model} if trains_teacher else {})})
     state = {"step": 0, "best_dev": -math.inf, "best_step": 0, "wall_time_s": 0.0}
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        check_fingerprint(ckpt, fingerprint, last_path)
-        student_model.load_state_dict(ckpt["student"])
-        if teacher_model is not None and "teacher" in ckpt:
-            teacher_model.load_state_dict(ckpt["teacher"])
-        set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        _truncate_jsonl(metrics_path, state["step"])
-        tqdm.write(f"[{name}] resumed from {last_path} at step {state['step']}/{steps}")
+    if resume and last.exists():
+        state = last.load()
+        if main:
+            _truncate_jsonl(metrics_path, state["step"])
+            tqdm.write(f"[{name}] resumed from {last.path} at step {state['step']}/{steps}")
     else:
         seed_everything(cfg.seed)
-        metrics_path.unlink(missing_ok=True)
+        if main:
+            metrics_path.unlink(missing_ok=True)
 
     def save_last() -> None:
-        ckpt = {"config": fingerprint, "state": state, "rng": rng_state(), "student": student_model.state_dict()}
-        if teacher_model is not None and trains_teacher:
-            ckpt["teacher"] = teacher_model.state_dict()
-        atomic_save(ckpt, last_path)
+        last.save(state)
 
     def save_best() -> None:
-        atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, teacher if trains_teacher else None,
-                                                             task, role))
+        # Under ZeRO-3 the weights are shards: gather them (on every rank), rank 0 writes.
+        with student_model.gathered(), (teacher_model.gathered() if trains_teacher else contextlib.nullcontext()):
+            if main:
+                atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, teacher if trains_teacher
+                                                                     else None, task, role))
+        dist.barrier()
 
     student.train()
     start_time = time.perf_counter() - state["wall_time_s"]
-    bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False)
-    with open(metrics_path, "a") as log:
+    bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False, disable=not main)
+    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log:
         while state["step"] < steps:
             step = state["step"]
             parts = to_device(stream(step), device)
@@ -252,10 +259,12 @@ def run_stage(
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if state["step"] % cfg.eval_every == 0 or state["step"] == steps:
-                dev = evaluate(student, role, task, "dev", cfg.eval_batch_size, device)
+                # Every rank evaluates (ZeRO-3 forwards are collective); rank 0's figures decide for all.
+                dev = dist.broadcast_object(evaluate(student, role, task, "dev", cfg.eval_batch_size, device))
                 record.update({f"dev_{k}": v for k, v in dev.items()})
                 if trains_teacher:
-                    teacher_dev = evaluate(teacher, "teacher", task, "dev", cfg.eval_batch_size, device)
+                    teacher_dev = dist.broadcast_object(
+                        evaluate(teacher, "teacher", task, "dev", cfg.eval_batch_size, device))
                     record.update({f"teacher_dev_{k}": v for k, v in teacher_dev.items()})
                 if dev[metric_key] > state["best_dev"]:
                     state.update(best_dev=dev[metric_key], best_step=state["step"])
@@ -272,17 +281,32 @@ def run_stage(
                 raise StopRequested(f"[{name}] stopped at step {state['step']}/{steps}; rerun with --resume")
     bar.close()
 
-    # Test the best-on-dev weights.
-    best_student = _load_best(out_dir / "best", student)
-    test = evaluate(best_student, role, task, "test", cfg.eval_batch_size, device)
-    teacher_test = None
-    if trains_teacher:
-        best_teacher = _load_best(out_dir / "best" / "teacher", teacher)
-        teacher_test = evaluate(best_teacher, "teacher", task, "test", cfg.eval_batch_size, device)
+    # Test the best-on-dev weights (plain copies: rank 0 alone, then it tells the others).
+    test = teacher_test = None
+    if main:
+        best_student = _load_best(out_dir / "best", student)
+        test = evaluate(best_student, role, task, "test", cfg.eval_batch_size, device)
+        if trains_teacher:
+            best_teacher = _load_best(out_dir / "best" / "teacher", teacher)
+            teacher_test = evaluate(best_teacher, "teacher", task, "test", cfg.eval_batch_size, device)
+    test, teacher_test, state = dist.broadcast_object((test, teacher_test, state))
     result = StageResult(name, method, steps, state["best_dev"], state["best_step"], test,
                          state["wall_time_s"], teacher_test)
-    atomic_write_text(json.dumps({"config": fingerprint, "result": result.__dict__}, indent=2), out_dir / "done.json")
+    if main:
+        atomic_write_text(json.dumps({"config": fingerprint, "result": result.__dict__}, indent=2),
+                          out_dir / "done.json")
+    dist.barrier()
     return result
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def _save_models(folder: Path, model: nn.Module, teacher: nn.Module | None, task: Task, role: str) -> None:
@@ -326,11 +350,11 @@ def build_models(cfg: Config, info: TaskInfo, teacher_source: str, device) -> tu
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device: cuda was asked for but no CUDA device is available")
-    return torch.device(cfg.device)
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", dist.local_rank())  # one GPU per rank
 
 
 def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, stop_after: int | None):
@@ -342,7 +366,8 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
     if done is not None and saved_model_exists(folder / "best"):
         ckpt_config = json.loads((folder / "done.json").read_text())["config"]
         if ckpt_config == stage_fingerprint(cfg, "teacher", "finetune"):
-            tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
+            if dist.is_main():
+                tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
             return folder / "best", done
     seed_everything(cfg.seed)
     teacher = load_model(cfg.model.teacher, task.info.num_labels, in_channels=getattr(task.info, "in_channels", None),
@@ -354,9 +379,14 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
 def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """The main job: fine-tune (or reuse) the teacher, train the student with each method, test, report."""
     started = time.perf_counter()
+    # Under torchrun or the deepspeed launcher every rank runs this same job on its slice of each batch.
+    dist.init_distributed(use_deepspeed=bool(cfg.deepspeed_teacher or cfg.deepspeed_student))
+    check_distributed(cfg, dist.world_size())
+    main = dist.is_main()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
     task = load_task(cfg)
 
@@ -374,12 +404,15 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
         teacher, student = build_models(cfg, task.info, str(teacher_dir), device)
         result = run_stage(method, method, cfg, task, out / method, student,
                            None if method == "finetune" else teacher, resume=resume, stop_after=stop_after)
-        atomic_dir(out / method / "student", lambda tmp, m=method: _copy_best(out / m / "best", tmp))
+        if main:
+            atomic_dir(out / method / "student", lambda tmp, m=method: _copy_best(out / m / "best", tmp))
         rows.append(_row("student", result))
 
     results = {"task": task.info.name, "metric": primary_metric(task.info.metric), "seed": cfg.seed,
                "rows": rows, "wall_time_s": time.perf_counter() - started}
-    atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    if main:
+        atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    dist.barrier()
     return results
 
 

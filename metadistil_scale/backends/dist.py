@@ -56,8 +56,12 @@ def init_distributed(use_deepspeed: bool) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     if use_deepspeed:
+        import logging
+
         import deepspeed
 
+        # DeepSpeed logs each engine's whole configuration at INFO, on every rank.
+        deepspeed.utils.logger.setLevel(logging.WARNING)
         deepspeed.init_distributed()
     else:
         torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

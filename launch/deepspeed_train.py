@@ -1,0 +1,44 @@
+"""Multi-process entry: the `metadistil-scale` CLI in every rank, under the deepspeed launcher or torchrun.
+
+    deepspeed --num_gpus 8 --module metadistil_scale.launch.deepspeed_train train --config recipe.yaml \\
+        --deepspeed-teacher ds_configs/zero3_bf16.json --deepspeed-student ds_configs/zero2_bf16.json
+    torchrun --nproc_per_node 8 -m metadistil_scale.launch.deepspeed_train train --config recipe.yaml \\
+        --deepspeed-teacher ds_configs/zero3_bf16.json --deepspeed-student ds_configs/zero2_bf16.json
+
+Without --deepspeed-* configs the models use the torch backend, data-parallel over the ranks (gradients summed
+by hand, as torch DDP would). Every rank runs the same job on its slice of each global batch; rank 0 alone
+logs, shows progress and writes the shared files. The output folder must be one that every rank sees.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the --local_rank=N the deepspeed launcher appends (torchrun exports LOCAL_RANK instead)."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank"):
+            os.environ.setdefault("LOCAL_RANK", next(args))
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metadistil_scale import cli
+    from metadistil_scale.backends import dist
+
+    try:
+        return cli.main(strip_local_rank(sys.argv[1:] if argv is None else argv))
+    finally:
+        dist.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
