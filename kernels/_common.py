@@ -13,7 +13,7 @@ BACKEND_ENV = "METADISTIL_KERNEL_BACKEND"
 
 # Elements of one [rows, V] fp32 temporary in the chunked torch path: small enough to stay in cache
 # on a CPU and to keep temporaries negligible next to the logits, big enough to amortise launches.
-TORCH_CHUNK_ELEMENTS = 1 << 16
+TORCH_CHUNK_ELEMENTS = 1 << 20
 
 
 def check_soft_loss(soft_loss: str) -> None:

@@ -265,6 +265,16 @@ def _scaled(x: torch.Tensor, dtype: torch.dtype, factor: float) -> torch.Tensor:
     return y.mul_(factor) if y is not x else y * factor
 
 
+def _scaled_into(x: torch.Tensor, buf: torch.Tensor, factor: float) -> torch.Tensor:
+    """x * factor in buf's dtype; x itself when that needs no work (callers only read it)."""
+    if x.dtype == buf.dtype:
+        if factor == 1.0:
+            return x
+        return torch.mul(x, factor, out=buf)
+    buf.copy_(x)  # upcast first: multiplying in bf16 would round before the cast
+    return buf.mul_(factor) if factor != 1.0 else buf
+
+
 def _kd_chunk_torch(
     zs: torch.Tensor,
     zt: torch.Tensor,
@@ -274,54 +284,48 @@ def _kd_chunk_torch(
     soft_loss: str,
     grad_out: torch.Tensor | None,
     grad_scale: float,
+    work: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """Per-row loss of one chunk; writes d loss_row / d z_s * grad_scale into grad_out when given.
 
     y holds labels with ignored rows already replaced by a valid index (their rows are zeroed by
-    the caller), or is None when there is no CE term.
+    the caller), or is None when there is no CE term. ``work`` is three [rows, V] buffers in the
+    compute dtype, reused across chunks so that the loop does not churn the allocator.
     """
-    ct = compute_dtype(zs.dtype)
+    w1, w2, w3 = work
     inv_t = 1.0 / temperature
     want_grad = grad_out is not None
     # The gradient is accumulated as g / factor so that the soft and CE parts need no separate
     # scaling passes; one fused multiply writes factor * grad_scale * g into the output buffer.
     g = None
     factor = 1.0
-    b = _scaled(zs, ct, inv_t)
-    a = _scaled(zt, ct, inv_t)
     if soft_loss == "kl":
-        log_q = torch.log_softmax(b, dim=-1)
-        del b
-        log_p = torch.log_softmax(a, dim=-1)
-        del a
-        p = log_p.exp()
+        log_q = torch.log_softmax(_scaled_into(zs, w1, inv_t), dim=-1, out=w3)
+        log_p = torch.log_softmax(_scaled_into(zt, w2, inv_t), dim=-1, out=w1)
+        p = torch.exp(log_p, out=w2)
         diff = log_p.sub_(log_q)
         soft = _rowdot(p, diff)
         if not bool(torch.isfinite(soft).all()):
             # -inf - -inf at masked classes (p = 0) is the only NaN source; those classes add 0.
-            diff = torch.where(p > 0, diff, torch.zeros((), dtype=ct, device=diff.device))
+            diff.masked_fill_(p == 0, 0.0)
             soft = _rowdot(p, diff)
-        del diff
         soft = soft * (temperature * temperature)
         factor = (1.0 - alpha) * temperature
         if want_grad and factor != 0.0:
-            g = log_q.exp_().sub_(p)
-        del log_q, p
+            g = log_q.exp_().sub_(p)  # q - p, in w3
+        free = w1
     else:
-        q = torch.softmax(b, dim=-1)
-        del b
-        d = torch.softmax(a, dim=-1).neg_().add_(q)
-        del a
+        q = torch.softmax(_scaled_into(zs, w1, inv_t), dim=-1, out=w3)
+        d = torch.softmax(_scaled_into(zt, w2, inv_t), dim=-1, out=w1).neg_().add_(q)
         soft = _rowdot(d, d)
         factor = (1.0 - alpha) * 2.0 * inv_t
         if want_grad and factor != 0.0:
-            qd = _rowdot(q, d)
-            g = d.sub_(qd.unsqueeze(1)).mul_(q)
-        del q, d
+            g = d.sub_(_rowdot(q, d).unsqueeze(1)).mul_(q)  # q * ((q - p) - <q, q - p>), in w1
+        free = w2
     loss = (1.0 - alpha) * soft
 
     if y is not None and alpha > 0.0:
-        log_s = torch.log_softmax(zs.to(ct), dim=-1)
+        log_s = torch.log_softmax(zs, dim=-1, dtype=free.dtype, out=free)
         idx = y.unsqueeze(1)
         loss = loss - alpha * log_s.gather(1, idx).squeeze(1)
         if want_grad:
@@ -330,8 +334,7 @@ def _kd_chunk_torch(
             else:
                 k = alpha / factor
                 g.add_(log_s.exp_(), alpha=k)
-            g.scatter_add_(1, idx, torch.full_like(idx, -k, dtype=ct))
-        del log_s
+            g.scatter_add_(1, idx, torch.full(idx.shape, -k, dtype=g.dtype, device=g.device))
 
     if want_grad:
         if g is None:
@@ -372,8 +375,10 @@ def kd_loss_forward_torch(
     grad_scale = 1.0 / max(float(n_valid), 1.0) if reduction == "mean" else 1.0
 
     step = rows_per_chunk(n_rows, n_cols, chunk_elements)
+    work = torch.empty(3, min(step, n_rows), n_cols, dtype=ct, device=device)
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
+        n_c = rows.stop - rows.start
         grad_c = grad[rows] if grad is not None else None
         valid_c = valid[rows] if valid is not None else None
         if valid_c is not None and not bool(valid_c.any()):
@@ -389,6 +394,7 @@ def kd_loss_forward_torch(
             soft_loss,
             grad_c,
             grad_scale,
+            (work[0, :n_c], work[1, :n_c], work[2, :n_c]),
         )
         if valid_c is not None:
             loss_c = torch.where(valid_c, loss_c, torch.zeros((), dtype=ct, device=device))
