@@ -1,0 +1,68 @@
+"""Config: YAML + dotted overrides, every problem reported with its key before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from metadistil_scale.cli import main
+from metadistil_scale.config import Config, ConfigError, load_config, parse_override, save_config
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert isinstance(cfg, Config) and cfg.methods == ["kd", "metadistil"]
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "meta": {"u_mode": "finite-difference"}, "student_train": {"optim": {"lr": 1e-4}}}))
+    cfg = load_config(path, ["student_train.batch_size=16", "meta.teacher_optim.lr=1e-6", "methods=[kd]"])
+    assert cfg.seed == 3 and cfg.meta.u_mode == "finite-difference"
+    assert cfg.student_train.batch_size == 16 and cfg.student_train.optim.lr == 1e-4
+    assert cfg.meta.teacher_optim.lr == 1e-6 and cfg.methods == ["kd"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("student_train.bach_size=16", "unknown config key 'student_train.bach_size'"),
+        ("student_train.batch_size=sixteen", "student_train.batch_size: expected int, got 'sixteen'"),
+        ("distill.alpha=1.5", "distill.alpha: expected in [0, 1], got 1.5"),
+        ("meta.u_mode=hessian", "meta.u_mode: expected one of"),
+        ("methods=[kd, distil]", "methods[1]: expected one of"),
+        ("student_train.micro_batch_size=5", "student_train.micro_batch_size: expected a divisor of batch_size=32"),
+        ("data.data_files={train: /nonexistent/train.csv}", "data.data_files.train: file not found: /nonexistent/train.csv"),
+        ("model.teacher=./no/such/model", "model.teacher: model folder not found"),
+        ("deepspeed_teacher=/nope.json", "deepspeed_teacher: DeepSpeed config not found"),
+        ("seed", "expected KEY=VALUE"),
+        ("data.quiz_fraction=true", "data.quiz_fraction: expected float, got True"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_override_values_are_typed():
+    assert parse_override("meta.pilot_lr=5e-5") == ("meta.pilot_lr", 5e-5)
+    assert parse_override("data.max_train_examples=null") == ("data.max_train_examples", None)
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    assert main(["train", "--set", "distill.temperature=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: distill.temperature") and "Traceback" not in err
