@@ -116,6 +116,10 @@ def resolve_ds_config(
             "JVP passes are functional over the full parameters. Use stage 0, 1 or 2 for the student (the small "
             "model) and stage 3 for the teacher"
         )
+    if optim is None and stage in (1, 2):
+        # A frozen model (KD's teacher) has no optimizer state or gradients to shard: ZeRO 1/2 are stage 0 for
+        # it, and DeepSpeed refuses them without an optimizer. ZeRO-3 still shards its parameters.
+        zero["stage"] = stage = 0
     if stage == 3:
         # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process with an
         # autograd.Function that has no forward-mode rule: the student's JVP would fail.
