@@ -1,19 +1,26 @@
-"""Argument validation, backend selection and chunk sizing shared by the kernels."""
+"""Argument validation, backend selection and the row-chunk runner shared by the kernels."""
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 SOFT_LOSSES = ("kl", "mse")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "METADISTIL_KERNEL_BACKEND"
 
-# Elements of one [rows, V] fp32 temporary in the chunked torch path: small enough to stay in cache
-# on a CPU and to keep temporaries negligible next to the logits, big enough to amortise launches.
-TORCH_CHUNK_ELEMENTS = 1 << 20
+# Elements of one [rows, V] fp32 temporary in the chunked torch path: a few of them per worker stay
+# in a core's L2 and are negligible next to the logits; big enough to amortise per-op overhead.
+TORCH_CHUNK_ELEMENTS = 1 << 18
 
 
 def check_soft_loss(soft_loss: str) -> None:
@@ -90,3 +97,108 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def rows_per_chunk(n_rows: int, n_cols: int, chunk_elements: int | None = None) -> int:
     budget = TORCH_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     return max(1, min(n_rows, budget // max(n_cols, 1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU row-chunk runner
+# --------------------------------------------------------------------------------------------------
+# A chunk is a dozen small ops. Run with intra-op (OpenMP) parallelism, every op is a parallel
+# region with a barrier, and on a CPU shared with other processes a descheduled thread stalls each
+# barrier: measured 5-10x slower than serial ops. So chunks go to a pool of threads whose own
+# intra-op thread count is 1, one chunk per thread at a time (ops release the GIL).
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_unusable = False
+_pool_lock = threading.Lock()
+
+
+def _drop_pool_after_fork() -> None:
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0  # its threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_drop_pool_after_fork)
+
+
+def _serial_worker_init() -> None:
+    torch.get_num_threads()  # finish this thread's lazy init from the process setting first
+    torch.set_num_threads(1)
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    """The pool of single-threaded workers, sized to the caller's intra-op thread count."""
+    global _pool, _pool_size, _pool_unusable
+    n = torch.get_num_threads()
+    if n < 2 or _pool_unusable:
+        return None
+    with _pool_lock:
+        if _pool is not None and _pool_size == n:
+            return _pool
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+            _pool, _pool_size = None, 0
+        pool = ThreadPoolExecutor(n, thread_name_prefix="metadistil-kernels", initializer=_serial_worker_init)
+        try:
+            # Start all n workers (each blocks until all have run the initializer), then restore the
+            # process-wide default that their set_num_threads(1) also moved.
+            started = threading.Barrier(n + 1, timeout=30)
+            futures = [pool.submit(started.wait) for _ in range(n)]
+            started.wait()
+            for f in futures:
+                f.result()
+            torch.set_num_threads(n)
+            checked = threading.Barrier(n, timeout=30)
+            counts = [f.result() for f in [pool.submit(_threads_after, checked) for _ in range(n)]]
+        except threading.BrokenBarrierError:
+            counts = []
+        torch.set_num_threads(n)
+        if counts != [1] * n or torch.get_num_threads() != n:
+            # This build keeps the thread count process-wide: chunks stay in the caller's thread.
+            pool.shutdown(wait=False)
+            _pool_unusable = True
+            return None
+        _pool, _pool_size = pool, n
+        return pool
+
+
+def _threads_after(barrier: threading.Barrier) -> int:
+    barrier.wait()  # one task per worker
+    return torch.get_num_threads()
+
+
+def map_row_chunks(
+    fn: Callable[[slice, T | None], object],
+    n_rows: int,
+    step: int,
+    device: torch.device,
+    make_workspace: Callable[[], T] | None = None,
+) -> None:
+    """Call fn(rows, workspace) for consecutive row slices of ``step`` rows.
+
+    On CPU with more than one chunk the calls run concurrently on the worker pool, each with a
+    workspace from ``make_workspace`` that no other call uses at the same time; fn must only write
+    to its own rows. Elsewhere they run in order in the caller's thread.
+    """
+    starts = range(0, n_rows, step)
+    pool = _cpu_pool() if device.type == "cpu" and len(starts) > 1 else None
+    if pool is None:
+        work = make_workspace() if make_workspace is not None else None
+        for start in starts:
+            fn(slice(start, min(start + step, n_rows)), work)
+        return
+
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(min(_pool_size, len(starts))):
+        free.put(make_workspace() if make_workspace is not None else None)
+
+    def task(start: int) -> None:
+        work = free.get()
+        try:
+            with torch.no_grad():  # grad mode is per thread; workers must not record a graph
+                fn(slice(start, min(start + step, n_rows)), work)
+        finally:
+            free.put(work)
+
+    for _ in pool.map(task, starts):
+        pass

@@ -29,6 +29,7 @@ from ._common import (
     check_soft_loss,
     check_temperature,
     compute_dtype,
+    map_row_chunks,
     resolve_backend,
     rows_per_chunk,
 )
@@ -374,17 +375,14 @@ def kd_loss_forward_torch(
         n_valid = torch.tensor(float(n_rows), dtype=ct, device=device)
     grad_scale = 1.0 / max(float(n_valid), 1.0) if reduction == "mean" else 1.0
 
-    step = rows_per_chunk(n_rows, n_cols, chunk_elements)
-    work = torch.empty(3, min(step, n_rows), n_cols, dtype=ct, device=device)
-    for start in range(0, n_rows, step):
-        rows = slice(start, min(start + step, n_rows))
+    def chunk(rows: slice, work: torch.Tensor) -> None:
         n_c = rows.stop - rows.start
         grad_c = grad[rows] if grad is not None else None
         valid_c = valid[rows] if valid is not None else None
         if valid_c is not None and not bool(valid_c.any()):
             if grad_c is not None:
                 grad_c.zero_()
-            continue
+            return
         loss_c = _kd_chunk_torch(
             student_logits[rows],
             teacher_logits[rows],
@@ -401,6 +399,15 @@ def kd_loss_forward_torch(
             if grad_c is not None and not bool(valid_c.all()):
                 grad_c[~valid_c] = 0
         loss_rows[rows] = loss_c
+
+    step = rows_per_chunk(n_rows, n_cols, chunk_elements)
+    map_row_chunks(
+        chunk,
+        n_rows,
+        step,
+        device,
+        lambda: torch.empty(3, min(step, n_rows), n_cols, dtype=ct, device=device),
+    )
     return loss_rows, n_valid, grad
 
 

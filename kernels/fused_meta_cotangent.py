@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, resolve_backend, rows_per_chunk
+from ._common import compute_dtype, map_row_chunks, resolve_backend, rows_per_chunk
 from .fused_kd_loss import _rowdot, _scaled, get_num_warps
 from .reference import _check_meta_args
 
@@ -149,14 +149,13 @@ def meta_cotangent_torch(
     student_logits: torch.Tensor | None,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
-    """Row-chunked torch version: fp32 (fp64) temporaries exist for one chunk at a time."""
+    """Row-chunked torch version: fp32 (fp64) temporaries exist for one chunk per worker at a time."""
     n_rows, n_cols = teacher_logits.shape
     ct = compute_dtype(teacher_logits.dtype)
     inv_t = 1.0 / temperature
     w = torch.empty_like(teacher_logits, memory_format=torch.contiguous_format)
-    step = rows_per_chunk(n_rows, n_cols, chunk_elements)
-    for start in range(0, n_rows, step):
-        rows = slice(start, min(start + step, n_rows))
+
+    def chunk(rows: slice, _work: None) -> None:
         p = torch.softmax(_scaled(teacher_logits[rows], ct, inv_t), dim=-1)
         u = tangent[rows].to(ct)
         if soft_loss == "kl":
@@ -167,6 +166,8 @@ def meta_cotangent_torch(
             del q
             w_c = r.sub_(_rowdot(p, r).unsqueeze(1)).mul_(p)
         w[rows] = w_c.mul_(scale)
+
+    map_row_chunks(chunk, n_rows, rows_per_chunk(n_rows, n_cols, chunk_elements), teacher_logits.device)
     return w
 
 

@@ -496,3 +496,25 @@ def test_public_api():
     assert set(K.__all__) >= {
         "kd_loss", "meta_cotangent", "kd_loss_reference", "meta_cotangent_reference", "KDLoss",
     }  # fmt: skip
+
+
+def test_cpu_chunk_pool_leaves_thread_settings_alone(monkeypatch):
+    monkeypatch.setattr(common, "TORCH_CHUNK_ELEMENTS", 2 * 50)
+    before = torch.get_num_threads()
+    zs, zt, y = make_inputs(9, 50, ignore_rows=(0, 1, 2))
+    check_against_reference(
+        zs, zt, y, torch.float64, "torch", loss_rel=1e-10, grad_rel=1e-10,
+        temperature=2.0, alpha=0.5, soft_loss="kl", reduction="mean",
+    )  # fmt: skip
+    assert torch.get_num_threads() == before
+    if before > 1 and common._pool is not None:
+        sizes = list(common._pool.map(lambda _: torch.get_num_threads(), range(4)))
+        assert sizes == [1] * 4
+
+
+def test_cpu_chunk_errors_propagate(monkeypatch):
+    monkeypatch.setattr(common, "TORCH_CHUNK_ELEMENTS", 2 * 50)
+    zs, zt, y = make_inputs(9, 50)
+    y[7] = 50  # out of range: gather fails inside a worker
+    with pytest.raises(RuntimeError):
+        kd_loss(zs, zt, y, backend="torch")
