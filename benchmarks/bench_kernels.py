@@ -147,7 +147,8 @@ def main() -> None:
         return
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={TEMPERATURE}, alpha={ALPHA}, fp32"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, "
+        f"T={TEMPERATURE}, alpha={ALPHA}, fp32; load average before: {_load()}"
     )
     header = (
         "| N | V | eager ms (median) | fused ms (median) | time ratio eager/fused | "
@@ -168,6 +169,11 @@ def main() -> None:
             f"{m_eager:.1f} | {m_fused:.1f} | {mem_ratio} |",
             flush=True,
         )
+    print(f"load average after: {_load()}")
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
