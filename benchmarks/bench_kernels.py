@@ -140,7 +140,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--measure-memory", nargs=3, metavar=("IMPL", "N", "V"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per implementation (0: by size)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
     if args.measure_memory:
         impl, n, v = args.measure_memory
         print(json.dumps(_measure_in_this_process(impl, int(n), int(v))))
