@@ -5,7 +5,8 @@ Two implementations behind one functional entry point:
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): one program per row streams the class axis in
   blocks with an online softmax for teacher, tempered student and untempered student; a second pass
   writes d loss / d z_s straight into a buffer of the logits' dtype. No [N, V] fp32 temporary exists.
-* torch (everywhere): the same maths over row chunks, so fp32 temporaries exist only per chunk.
+* torch (everywhere): the same maths over row chunks, so fp32 temporaries exist only per chunk; on
+  CPU the chunks run concurrently on single-threaded workers (see ``_common.map_row_chunks``).
 
 Both compute the gradient during forward and store it; backward only scales it by grad_output
 (the Liger-Kernel pattern). The teacher logits are treated as constants: no gradient reaches them
