@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     from metadistil_scale import cli
     from metadistil_scale.backends import dist
 
+    argv = strip_local_rank(sys.argv[1:] if argv is None else argv)
+    # Join the group before anything else runs; DeepSpeed's initialiser serves both backends (NCCL on GPUs,
+    # gloo on CPUs).
+    dist.init_distributed(use_deepspeed=True)
     try:
-        return cli.main(strip_local_rank(sys.argv[1:] if argv is None else argv))
+        return cli.main(argv)
     finally:
         dist.destroy()
 
