@@ -90,7 +90,7 @@ class MetaDistil:
     def _student_at(self, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's logits at `params`, with copied buffers so that the pilot, quiz and JVP passes
         leave BatchNorm running statistics alone."""
-        module = self.student.module
+        module = self.student.functional_module
         buffers = {n: b.clone() for n, b in module.named_buffers()}
         return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
 

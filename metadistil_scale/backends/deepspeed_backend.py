@@ -61,8 +61,9 @@ def resolve_ds_config(
 ) -> dict[str, Any]:
     """The config handed to deepspeed.initialize: "auto" keys filled from the recipe, conflicts refused.
 
-    `where` names the config in errors ("deepspeed_teacher (ds_configs/zero3.json)"); `functional` marks the
-    student of a MetaDistil run, whose pilot/quiz/JVP passes read its full parameters."""
+    `where` names the config in errors ("deepspeed_teacher (ds_configs/zero3.json)"). `functional` marks the
+    student of a MetaDistil run, whose pilot/quiz/JVP passes read its full parameters; the model gathers them
+    under ZeRO-3."""
     cfg = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
@@ -110,12 +111,6 @@ def resolve_ds_config(
     stage = zero.setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if functional and stage == 3:
-        raise ConfigError(
-            f"{where}: zero_optimization.stage=3 is not supported for the MetaDistil student: its pilot, quiz and "
-            "JVP passes are functional over the full parameters. Use stage 0, 1 or 2 for the student (the small "
-            "model) and stage 3 for the teacher"
-        )
     if optim is None and stage in (1, 2):
         # A frozen model (KD's teacher) has no optimizer state or gradients to shard: ZeRO 1/2 are stage 0 for
         # it, and DeepSpeed refuses them without an optimizer. ZeRO-3 still shards its parameters.
@@ -164,7 +159,13 @@ class DeepSpeedModel:
     """A model trained (or, with `optim=None`, only run) by a DeepSpeed engine.
 
     `micro_batch_size` and `grad_accum` are this rank's share of the stage's global batch: every optimizer step
-    takes exactly `grad_accum` calls of backward() followed by one step()."""
+    takes exactly `grad_accum` calls of backward() followed by one step().
+
+    `functional` marks the MetaDistil student, whose pilot, quiz and JVP passes call the module functionally
+    at parameters of their own. At ZeRO 0/1/2 they use the engine's module (its parameters are whole on every
+    rank). ZeRO-3 keeps only shards and hooks every forward to gather them, so those passes run on a plain
+    replica that trainable() refreshes from the gathered parameters: one full copy of the (small) student per
+    rank, its gradients and optimizer state still sharded."""
 
     def __init__(
         self,
@@ -190,6 +191,7 @@ class DeepSpeedModel:
         self.zero_stage: int = self.config["zero_optimization"]["stage"]
         self.grad_accum = grad_accum
         self._pending = 0  # backward() calls since the last step()
+        self._replica = copy.deepcopy(module) if functional and self.zero_stage == 3 else None
 
         was_training = module.training
         params = [p for p in module.parameters() if p.requires_grad]
@@ -203,6 +205,9 @@ class DeepSpeedModel:
         self.engine, *_ = deepspeed.initialize(model=module, config=self.config, dist_init_required=False, **kwargs)
         self.module.train(was_training)  # the engine may switch modes; the teacher runs in eval mode
         self.trains = optim is not None
+        self._live = dict(self.module.named_parameters())
+        if self._replica is not None:  # in the engine's precision, hook-free
+            self._replica.to(next(iter(self._live.values())).dtype).train(was_training)
 
     @property
     def module(self) -> nn.Module:
@@ -216,8 +221,27 @@ class DeepSpeedModel:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return logits_of(self.engine(**inputs))
 
+    @property
+    def functional_module(self) -> nn.Module:
+        """The module the MetaDistil passes call with torch.func.functional_call."""
+        return self._replica if self._replica is not None else self.module
+
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        """The trainable parameters of functional_module, whole (a collective under a ZeRO-3 student)."""
+        if self._replica is None:
+            return {n: p for n, p in self._live.items() if p.requires_grad}
+        import deepspeed
+
+        replica = dict(self._replica.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(self._live.values()), modifier_rank=None), torch.no_grad():
+            for name, param in self._live.items():
+                replica[name].copy_(param.data)
+        self._replica.train(self.module.training)  # the same dropout behaviour as the engine's module
+        with torch.no_grad():  # BatchNorm statistics move in the engine's forwards
+            buffers = dict(self._replica.named_buffers())
+            for name, buffer in self.module.named_buffers():
+                buffers[name].copy_(buffer)
+        return {n: p for n, p in replica.items() if p.requires_grad}
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._pending >= self.grad_accum:
@@ -258,8 +282,8 @@ class DeepSpeedModel:
         rank, in the same order); valid between the last backward() of a step and step()."""
         from deepspeed.utils import safe_get_full_grad
 
-        grad = safe_get_full_grad(param)
-        return grad.to(param.dtype) if grad is not None else torch.zeros_like(param)
+        grad = safe_get_full_grad(self._live[name])  # `param` may be the replica's
+        return grad.to(param.dtype).view(param.shape) if grad is not None else torch.zeros_like(param)
 
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
         dist.all_reduce_sum_(tensors)

@@ -67,6 +67,12 @@ class TorchModel:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return logits_of(self.module(**inputs))
 
+    @property
+    def functional_module(self) -> nn.Module:
+        """The module the MetaDistil passes call with torch.func.functional_call (the DeepSpeed backend may
+        hand out a replica)."""
+        return self.module
+
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
