@@ -147,10 +147,11 @@ def test_alpha_edges(alpha, soft_loss, backend):
 def test_float32_matches_reference(v, soft_loss, temperature, backend, monkeypatch):
     # Blocks of 1024 classes: V = 4099 streams 5 blocks, the last one 3 wide.
     monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 1024)
-    n = 1 + v % 7  # 3, 4, 3, 7, 5 rows
+    n = min(1 + v % 7, 4)  # 3, 4, 3, 4, 4 rows
     for labelled in (True, False):
         zs, zt, y = make_inputs(n, v, seed=1, ignore_rows=(1,) if labelled else (), labels=labelled)
-        for reduction in REDUCTIONS:
+        # Every reduction with labels; without them "none" (per-row values and grad_output weights).
+        for reduction in REDUCTIONS if labelled else ("none",):
             check_against_reference(
                 zs, zt, y, torch.float32, backend, loss_rel=2e-5, grad_rel=2e-6,
                 loss_abs=fp32_loss_abs(zs, temperature), temperature=temperature, alpha=0.4,
@@ -270,13 +271,12 @@ def test_low_precision_inputs(backend, dtype, soft_loss, monkeypatch):
     grad_rel = 1e-2 if dtype == torch.bfloat16 else 2e-3
     for v in (3, 1000):
         zs, zt, y = make_inputs(6, v, seed=7, ignore_rows=(0,))
-        for temperature in (1.0, 4.0):
-            for reduction in REDUCTIONS:
-                check_against_reference(
-                    zs, zt, y, dtype, backend, loss_rel=2e-5, grad_rel=grad_rel,
-                    loss_abs=fp32_loss_abs(zs, temperature), temperature=temperature, alpha=0.5,
-                    soft_loss=soft_loss, reduction=reduction,
-                )  # fmt: skip
+        for temperature, reduction in ((1.0, "mean"), (4.0, "mean"), (4.0, "sum"), (4.0, "none")):
+            check_against_reference(
+                zs, zt, y, dtype, backend, loss_rel=2e-5, grad_rel=grad_rel,
+                loss_abs=fp32_loss_abs(zs, temperature), temperature=temperature, alpha=0.5,
+                soft_loss=soft_loss, reduction=reduction,
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
