@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from metadistil_scale.checkpoint import CheckpointError, atomic_save
 from metadistil_scale.config import load_config
+from metadistil_scale.data.text import load_text_task
 from metadistil_scale.models.text import ModelError, load_tokenizer
 from metadistil_scale.trainer import StopRequested, train
 
@@ -138,3 +139,20 @@ def test_truncated_checkpoint_is_reported(tmp_path, tiny_models):
     last.write_bytes(last.read_bytes()[: os.path.getsize(last) // 2])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         train(tiny_config(out, teacher, student, "methods=[kd]"), resume=True)
+
+
+@pytest.mark.slow
+def test_short_kd_run_beats_the_majority_class(tmp_path):
+    """The real pretrained MiniLM teacher and 3-layer student on the embedded data, with a small budget."""
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", "methods=[kd]", "data.max_eval_examples=512", "data.max_length=48",
+        "teacher_finetune.max_steps=80", "teacher_finetune.batch_size=16", "teacher_finetune.optim.lr=1e-4",
+        "student_train.max_steps=100", "student_train.optim.lr=2e-4", "eval_every=50",
+    ])
+    results = train(cfg)
+    splits, _ = load_text_task(max_eval_examples=512)
+    labels = torch.tensor(splits["dev"]["label"])
+    majority = max(float((labels == c).float().mean()) for c in (0, 1))
+    kd_row = results["rows"][1]
+    assert kd_row["method"] == "kd"
+    assert kd_row["best_dev"] > majority + 0.05, (kd_row, majority)
