@@ -40,6 +40,12 @@ class StopRequested(Exception):
     """Raised after a checkpoint when `stop_after` steps are reached (a pre-empted job)."""
 
 
+# Called on every rank right after a stage's `last` checkpoint is complete, with the stage's name, the
+# checkpoint's path (a folder or last.pt) and the step's record (loss, dev metrics, step). A launcher uses it to
+# hand the checkpoint to its own fault tolerance (Ray Train); it may be a collective.
+CheckpointHook = Callable[[str, Path, dict[str, Any]], None]
+
+
 # ---------------------------------------------------------------- data plumbing
 
 
@@ -169,6 +175,7 @@ def run_stage(
     *,
     resume: bool,
     stop_after: int | None = None,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> StageResult:
     """Train one method to the end of its budget, with evaluation, best/last checkpoints and metrics.jsonl.
 
@@ -275,6 +282,8 @@ def run_stage(
             state["wall_time_s"] = time.perf_counter() - start_time
             if f"dev_{metric_key}" in record or state["step"] == steps:
                 save_last()
+                if on_checkpoint is not None:
+                    on_checkpoint(name, last.path, {**record, "best_dev": state["best_dev"], "steps": steps})
             if stop_after is not None and state["step"] >= stop_after and state["step"] < steps:
                 save_last()
                 bar.close()
@@ -357,7 +366,8 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cuda", dist.local_rank())  # one GPU per rank
 
 
-def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, stop_after: int | None):
+def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, stop_after: int | None,
+                      on_checkpoint: CheckpointHook | None = None):
     """The teacher's own fine-tuning stage, reused when a finished teacher exists for this config."""
     if cfg.model.teacher_checkpoint is not None:
         return Path(cfg.model.teacher_checkpoint), None
@@ -372,11 +382,13 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
     seed_everything(cfg.seed)
     teacher = load_model(cfg.model.teacher, task.info.num_labels, in_channels=getattr(task.info, "in_channels", None),
                          attn_implementation=cfg.model.attn_implementation, dtype=DTYPES[cfg.dtype]).to(device)
-    result = run_stage("teacher", "finetune", cfg, task, folder, teacher, None, resume=resume, stop_after=stop_after)
+    result = run_stage("teacher", "finetune", cfg, task, folder, teacher, None, resume=resume, stop_after=stop_after,
+                       on_checkpoint=on_checkpoint)
     return folder / "best", result
 
 
-def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
+          on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """The main job: fine-tune (or reuse) the teacher, train the student with each method, test, report."""
     started = time.perf_counter()
     # Under torchrun or the deepspeed launcher every rank runs this same job on its slice of each batch.
@@ -390,7 +402,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
     device = resolve_device(cfg)
     task = load_task(cfg)
 
-    teacher_dir, teacher_result = fine_tune_teacher(cfg, task, out, device, resume, stop_after)
+    teacher_dir, teacher_result = fine_tune_teacher(cfg, task, out, device, resume, stop_after, on_checkpoint)
     rows = []
     if teacher_result is not None:
         rows.append(_row("teacher", teacher_result))
@@ -403,7 +415,8 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
         seed_everything(cfg.seed)
         teacher, student = build_models(cfg, task.info, str(teacher_dir), device)
         result = run_stage(method, method, cfg, task, out / method, student,
-                           None if method == "finetune" else teacher, resume=resume, stop_after=stop_after)
+                           None if method == "finetune" else teacher, resume=resume, stop_after=stop_after,
+                           on_checkpoint=on_checkpoint)
         if main:
             atomic_dir(out / method / "student", lambda tmp, m=method: _copy_best(out / m / "best", tmp))
         rows.append(_row("student", result))

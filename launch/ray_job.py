@@ -1,0 +1,403 @@
+"""Ray entry: a MetaDistil run as a Ray Train job whose workers each run the same trainer as the deepspeed launcher.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m metadistil_scale.launch.ray_job --config configs/text.yaml --num-workers 2 \\
+        --deepspeed-teacher ds_configs/zero2.json --deepspeed-student ds_configs/zero2.json \\
+        --storage-path /shared/ray_results --name my-run --max-failures 3 [--use-gpu]
+
+The driver (this module's `main`, run by the job) validates everything it can before any worker starts: the
+config, the storage path, the cluster's address and whether the cluster holds the workers asked for. Then a Ray
+Train TorchTrainer places `--num-workers` workers (one GPU each with `--use-gpu`); Ray Train sets up their
+process group, and every worker runs `metadistil_scale.trainer.train` — the teacher's fine-tuning, then each
+method, with both models behind DeepSpeed engines when the config names DeepSpeed configs.
+
+Fault tolerance. Each time the trainer completes a stage checkpoint (`<output>/<stage>/last`, at every
+evaluation and at the end of a stage) the workers report it through `ray.train.report`: rank 0 copies it into
+the run's storage (`<storage-path>/<name>/checkpoint_*`), with the step's metrics. When a worker is lost, Ray
+Train restarts the whole worker group (up to `--max-failures` times); the new workers take the latest reported
+checkpoint, put it back into the run folder unless the folder already holds that step or a later one, and
+resume the trainer from it — so a failure costs the work since the last checkpoint plus a restart. The final
+report carries `results.json`, `config.yaml` and each method's final student, and its metrics (the results
+table) reach the driver, which prints them. Resubmitting with the same `--name` and `--storage-path`
+continues a stopped run.
+
+The run folder (`output_dir`) must be one that every worker sees (a shared file system on a multi-node
+cluster), exactly as for the deepspeed launcher. A relative `output_dir` (the default's `runs/default`) would
+land in a job's temporary working directory, so it is placed at `<storage-path>/<name>/output` instead.
+
+A restart also resumes when no Ray checkpoint was registered yet (a crash during the first report): the run
+folder remembers the run's name (`ray_run.txt`), and the trainer then resumes its own checkpoints there.
+
+`METADISTIL_RAY_KILL_ONCE=<marker file>` (for tests of the recovery): while the marker does not exist, the last
+rank creates it and kills itself (SIGKILL) right after the first checkpoint it reports, once Ray Train has
+registered that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+KILL_ONCE_ENV = "METADISTIL_RAY_KILL_ONCE"
+MANIFEST = "manifest.json"
+RUN_MARKER = "ray_run.txt"  # in the run folder: the name of the Ray run writing it
+
+
+class LaunchError(RuntimeError):
+    """A problem with the cluster, the resources or the storage, found before training starts."""
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metadistil_scale.cli import _common
+
+    parser = argparse.ArgumentParser(prog="python -m metadistil_scale.launch.ray_job",
+                                     description="Run the MetaDistil recipe as a Ray Train job.")
+    _common(parser)  # --config, --set, --output-dir, --deepspeed-teacher/-student, as for `metadistil-scale train`
+    ray_args = parser.add_argument_group("Ray")
+    ray_args.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
+    ray_args.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ray_args.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    ray_args.add_argument("--storage-path", default="~/ray_results",
+                          help="where Ray Train keeps the run's checkpoints: a folder every node sees, or a "
+                               "cloud URI (s3://, gs://, ...) (default ~/ray_results)")
+    ray_args.add_argument("--name", help="the run's name under the storage path; reuse it to continue a stopped "
+                                         "run (default: metadistil-<date>-<time>)")
+    ray_args.add_argument("--max-failures", type=int, default=3,
+                          help="worker-group failures to recover from, -1 for no limit (default 3)")
+    ray_args.add_argument("--resume", action="store_true",
+                          help="resume the trainer's own checkpoints in the run folder when Ray has none")
+    ray_args.add_argument("--address", help="the cluster's address (host:port of its GCS, or 'auto'); under "
+                                            "`ray job submit` the job's own cluster (RAY_ADDRESS)")
+    ray_args.add_argument("--wait-for-resources", action="store_true",
+                          help="skip the check that the cluster holds the workers now (an autoscaling cluster "
+                               "adds nodes on demand); without it a run that cannot be placed stops at once")
+    return parser
+
+
+def resolve_output_dir(output_dir: str, storage_path: str, name: str) -> str:
+    if Path(output_dir).is_absolute():
+        return output_dir
+    if is_uri(storage_path):
+        raise LaunchError(
+            f"output_dir={output_dir!r} is relative and the storage path {storage_path} is not a folder: pass "
+            "--output-dir, an absolute folder every worker sees (a shared file system)"
+        )
+    return str(Path(storage_path) / name / "output")
+
+
+# ---------------------------------------------------------------- checks before any worker starts
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def check_writable(path: str, what: str) -> None:
+    """Create `path` if needed and write and delete a probe file in it (a local folder or a cloud URI)."""
+    probe = f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        if is_uri(path):
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(path)
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(f"{root.rstrip('/')}/{probe}") as stream:
+                stream.write(b"ok")
+            fs.delete_file(f"{root.rstrip('/')}/{probe}")
+        else:
+            folder = Path(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / probe).write_text("ok")
+            (folder / probe).unlink()
+    except Exception as err:  # any failure to write is the same answer for the user
+        raise LaunchError(f"{what} {path} is not writable: {type(err).__name__}: {err}") from err
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster (never start one here: a job runs on the cluster it was submitted to)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address.startswith(("http://", "https://")):
+        raise LaunchError(
+            f"{address} is a dashboard (job submission) address: submit this module with "
+            f"`ray job submit --address {address} -- python -m metadistil_scale.launch.ray_job ...`, or give "
+            "--address the cluster's GCS address (host:6379)"
+        )
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise LaunchError(
+                f"no Ray cluster reachable at {address} ({err}): start one (launch/start_local_ray.sh) or "
+                "check the address"
+            ) from err
+    try:
+        ray.init(address=address, logging_level="WARNING", configure_logging=True)
+    except ConnectionError as err:
+        raise LaunchError(f"no Ray cluster reachable at {address}: {err}") from err
+
+
+def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
+    return {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+
+
+def check_resources(num_workers: int, per_worker: dict[str, float]) -> None:
+    """Refuse a run whose workers the cluster's live nodes cannot hold (Ray Train would wait for them forever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    fit = sum(min(int(res.get(key, 0.0) // need) for key, need in per_worker.items() if need > 0) for res in nodes)
+    if fit < num_workers:
+        totals = {key: sum(res.get(key, 0.0) for res in nodes) for key in per_worker}
+        raise LaunchError(
+            f"--num-workers {num_workers} asks for {num_workers} workers of {per_worker}, but the cluster's "
+            f"{len(nodes)} node(s) hold {totals} in all: at most {fit} such workers fit. Lower --num-workers or "
+            "--cpus-per-worker, add nodes, or pass --wait-for-resources on an autoscaling cluster"
+        )
+    free = ray.available_resources()
+    if any(free.get(key, 0.0) < need * num_workers for key, need in per_worker.items()):
+        print(f"[ray] note: other work holds part of the cluster now (free: {free}); the run starts when "
+              "its workers fit", flush=True)
+
+
+# ---------------------------------------------------------------- the workers
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: restore the latest Ray checkpoint if there is one, then run the trainer."""
+    if not loop["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    import ray.train
+    from transformers.utils import logging as hf_logging
+
+    from metadistil_scale.backends import dist
+    from metadistil_scale.config import config_from_dict
+    from metadistil_scale.trainer import train
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # it logs each engine's whole config at INFO
+
+    cfg = config_from_dict(loop["config"])
+    out = Path(cfg.output_dir)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
+    resume = loop["resume"] or checkpoint is not None
+    if rank == 0:  # the run folder is shared: one rank decides and writes
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                restore(Path(folder), out, checkpoint.path)
+        # A restart of this run resumes the trainer's own checkpoints even when it died before Ray registered
+        # one (a crash during the report).
+        marker = out / RUN_MARKER
+        if marker.is_file() and marker.read_text().strip() == loop["name"]:
+            if not resume:
+                print(f"[ray] restarting run {loop['name']} without a Ray Train checkpoint: resuming the run "
+                      f"folder's own", flush=True)
+            resume = True
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(loop["name"] + "\n")
+    resume = dist.broadcast_object(resume)
+    reporter = Reporter(out, rank, context.get_world_size())
+    results = train(cfg, resume=resume, on_checkpoint=reporter)
+    reporter.final(results, cfg.methods)
+
+
+class Reporter:
+    """The trainer's checkpoint hook: report each stage checkpoint (and the final outputs) to Ray Train.
+
+    Every rank calls it at the same points (ray.train.report is a barrier); rank 0 alone uploads, since the run
+    folder it copies from holds every rank's shards."""
+
+    def __init__(self, out: Path, rank: int, world: int) -> None:
+        self.out, self.rank, self.world = out, rank, world
+
+    def __call__(self, stage: str, path: Path, record: dict[str, Any]) -> None:
+        metrics = {"stage": stage, **{k: v for k, v in record.items() if isinstance(v, int | float | str)}}
+        manifest = {"stage": stage, "step": record["step"], "checkpoint": str(path.relative_to(self.out))}
+
+        def fill(folder: Path) -> None:
+            target = folder / manifest["checkpoint"]
+            if path.is_dir():  # DeepSpeed's layout: `latest` and the step folder it names
+                tag = (path / "latest").read_text().strip()
+                shutil.copytree(path / tag, target / tag)
+                shutil.copy2(path / "latest", target / "latest")
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+            if (path.parent / "metrics.jsonl").is_file():
+                shutil.copy2(path.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
+
+        self._report(metrics, manifest, fill)
+        self._maybe_fail(stage, record["step"])
+
+    def final(self, results: dict[str, Any], methods: list[str]) -> None:
+        def fill(folder: Path) -> None:
+            for name in ("results.json", "config.yaml"):
+                shutil.copy2(self.out / name, folder / name)
+            for method in methods:
+                shutil.copytree(self.out / method / "student", folder / method / "student")
+
+        self._report({"stage": "done", "results": results}, {"stage": "done"}, fill)
+
+    def _report(self, metrics: dict[str, Any], manifest: dict[str, Any], fill) -> None:
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="metadistil-ckpt-") as tmp:
+            fill(Path(tmp))
+            (Path(tmp) / MANIFEST).write_text(json.dumps({**manifest, "output_dir": str(self.out)}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        what = "the final outputs" if manifest["stage"] == "done" else f"{manifest['stage']} step {manifest['step']}"
+        print(f"[ray] reported {what} at {datetime.now().isoformat(timespec='milliseconds')}", flush=True)
+
+    def _maybe_fail(self, stage: str, step: int) -> None:
+        marker = os.environ.get(KILL_ONCE_ENV)
+        if not marker or self.rank != self.world - 1 or Path(marker).exists():
+            return
+        import ray.train
+
+        # Only once Ray Train holds the checkpoint just reported (registration trails the report).
+        ray.train.get_all_reported_checkpoints(timeout_s=300)
+        Path(marker).write_text(f"{stage} {step}\n")
+        print(f"[ray] {KILL_ONCE_ENV}: rank {self.rank} (pid {os.getpid()}) kills itself after the checkpoint at "
+              f"{stage} step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a stage checkpoint in the run folder; None when it is missing or unreadable."""
+    try:
+        if path.is_dir():
+            return int((path / "latest").read_text().strip().removeprefix("step-"))
+        if path.is_file():
+            import torch
+
+            return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]["step"])
+    except Exception:  # a partial or foreign file is as good as none: the reported copy replaces it
+        return None
+    return None
+
+
+def restore(folder: Path, out: Path, source: str) -> None:
+    """Put a reported checkpoint back into the run folder, unless the folder already holds it or a later one."""
+    from metadistil_scale.checkpoint import atomic_dir
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest["stage"] == "done":
+        print(f"[ray] restarting after the run finished (Ray Train checkpoint {source}): re-reporting its results",
+              flush=True)
+        return
+    stage, step, rel = manifest["stage"], manifest["step"], manifest["checkpoint"]
+    target = out / rel
+    have = checkpoint_step(target)
+    print(f"[ray] restarting from Ray Train checkpoint {source} (stage {stage}, step {step})", flush=True)
+    if have is not None and have >= step:
+        print(f"[ray] the run folder already holds {target} at step {have}: resuming from it", flush=True)
+        return
+    saved = folder / rel
+    if saved.is_dir():
+        atomic_dir(target, lambda tmp: shutil.copytree(saved, tmp, dirs_exist_ok=True))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved, target.with_name(target.name + ".restore"))
+        os.replace(target.with_name(target.name + ".restore"), target)
+    if (saved.parent / "metrics.jsonl").is_file():
+        shutil.copy2(saved.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
+    print(f"[ray] copied the checkpoint into {target}", flush=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from metadistil_scale.backends import check_distributed
+    from metadistil_scale.cli import _load, print_table
+    from metadistil_scale.config import ConfigError, config_to_dict
+
+    try:
+        if args.num_workers < 1:
+            raise LaunchError(f"--num-workers must be >= 1, got {args.num_workers}")
+        cfg = _load(args)
+        check_distributed(cfg, args.num_workers)  # batch sizes that do not split over the workers
+        name = args.name or time.strftime("metadistil-%Y%m%d-%H%M%S")
+        storage = args.storage_path if is_uri(args.storage_path) else str(Path(args.storage_path).expanduser().resolve())
+        cfg = replace(cfg, output_dir=resolve_output_dir(cfg.output_dir, storage, name))
+        check_writable(storage, "--storage-path")
+        check_writable(cfg.output_dir, "the run folder (output_dir)")
+        connect(args.address)
+        per_worker = worker_resources(args.use_gpu, args.cpus_per_worker)
+        if not args.wait_for_resources:
+            check_resources(args.num_workers, per_worker)
+    except (ConfigError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # The worker function by its module's name (not __main__'s), so that workers import it rather than
+    # unpickle a copy.
+    import ray.train
+    from metadistil_scale.launch.ray_job import train_worker as worker_fn
+    from ray.train.torch import TorchTrainer
+
+    # Workers stay in the job's working directory (Ray Train would move them to a per-run folder), so relative
+    # paths in the config (ds_configs/..., configs/...) mean on every node what they mean here.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={"config": config_to_dict(cfg), "resume": args.resume, "use_gpu": args.use_gpu,
+                           "name": name},
+        scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),  # each holds a full stage checkpoint
+        ),
+    )
+    print(f"[ray] run {name}: {args.num_workers} workers of {per_worker}; checkpoints in {storage}/{name}; "
+          f"run folder {cfg.output_dir}", flush=True)
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        print(f"error: the run failed (max failures {args.max_failures}): {err}", file=sys.stderr)
+        return 1
+    results = (result.metrics or {}).get("results")
+    if results is None:
+        print("error: the run ended without reporting its results", file=sys.stderr)
+        return 1
+    print_table(results)
+    print(f"[ray] finished in {time.perf_counter() - started:.1f} s")
+    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    for method in cfg.methods:
+        print(f"final student ({method}): {Path(cfg.output_dir) / method / 'student'}")
+    if result.checkpoint is not None:
+        print(f"final Ray checkpoint (results.json, config.yaml, students): {result.checkpoint.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Ray orchestration: MetaDistil runs submitted with `ray job submit` to a real local Ray head.
+
+One head (127.0.0.1, its own temp dir and ports, 2 CPUs) serves the module; two jobs run a tiny MetaDistil recipe
+on 2 CPU workers with teacher and student at DeepSpeed ZeRO-2:
+  - an uninterrupted job, which must end with the parameters of the same recipe in one plain process;
+  - a job whose last worker kills itself (SIGKILL) right after the first checkpoint: Ray Train restarts the
+    worker group, the new workers resume from that checkpoint, and the run ends with the first job's parameters.
+And the errors a user meets before any worker starts: no cluster at the address, more workers than the cluster
+holds, a storage path that cannot be written.
+
+The head runs in the foreground (`ray start --block`) and is ended at the end with its process tree, even on
+failure: `ray stop` would end every Ray process on the machine, other clusters included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from metadistil_scale.launch.ray_job import MANIFEST, checkpoint_step, restore
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from metadistil_scale.config import load_config
+from metadistil_scale.models.text import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS, EVAL_EVERY = 4, 2  # checkpoints at steps 2 and 4
+ZERO2 = ["--deepspeed-teacher", "ds_configs/zero2.json", "--deepspeed-student", "ds_configs/zero2.json"]
+TIMINGS: dict[str, float] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# ---------------------------------------------------------------- the cluster and the recipe
+
+
+@dataclass
+class Cluster:
+    dashboard: str  # the job server, for `ray job submit --address`
+    gcs: str  # the cluster address, for a driver started by hand
+    storage: Path
+    models: Path
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _end_head(proc: subprocess.Popen) -> None:
+    """End the head and everything it started: `ray start --block` stops its processes on SIGTERM; what is left
+    of its process tree (workers, job drivers) after a grace period is killed."""
+    import psutil
+
+    started = time.perf_counter()
+    try:
+        leader = psutil.Process(proc.pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        try:
+            p.kill()  # psutil checks that the pid still names the process it listed
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    proc.wait(timeout=10)
+    TIMINGS["head stop"] = time.perf_counter() - started
+
+
+def save_tiny_bert(folder: Path, layers: int, seed: int) -> Path:
+    """A small BERT with the real MiniLM vocabulary and tokenizer; no dropout, so that a run on 2 ranks and one
+    on 1 rank draw nothing at random."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    load_tokenizer("embedded:minilm-l6").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # A short temp dir: Ray's unix socket paths live under it and have a length limit.
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    env = _env() | {"RAY_NUM_CPUS": "2", "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
+                    "RAY_TEMP_DIR": str(temp / "ray")}
+    log = open(temp / "head.log", "w")  # noqa: SIM115 (closed in finally)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        ["bash", "launch/start_local_ray.sh", "--block", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        models = temp / "models"
+        save_tiny_bert(models / "teacher", 2, seed=0)
+        save_tiny_bert(models / "student", 2, seed=1)
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 180
+        while not _dashboard_up(dashboard):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not come up:\n{(temp / 'head.log').read_text()[-4000:]}")
+            time.sleep(1)
+        TIMINGS["head start"] = time.perf_counter() - started
+        yield Cluster(dashboard, f"127.0.0.1:{gcs_port}", temp / "storage", models)
+    finally:
+        _end_head(proc)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        if TIMINGS:
+            print("\nRay test timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in TIMINGS.items()))
+
+
+def recipe(models: Path) -> list[str]:
+    """The tiny MetaDistil recipe as --set overrides (also the single-process reference's config)."""
+    return [
+        f"model.teacher_checkpoint={models / 'teacher'}", f"model.student={models / 'student'}",
+        "model.student_layers=1", "methods=[metadistil]", "data.max_train_examples=256",
+        "data.max_eval_examples=64", "data.max_length=24", "student_train.batch_size=8",
+        f"student_train.max_steps={STEPS}", "student_train.optim.lr=1e-2", "meta.quiz_batch_size=8",
+        "meta.teacher_optim.lr=1e-3", f"eval_every={EVAL_EVERY}", "log_every=1",
+    ]
+
+
+def submit(cluster: Cluster, name: str, env_vars: dict[str, str] | None = None) -> tuple[str, float]:
+    """`ray job submit` a 2-worker ZeRO-2 run; returns its output (driver and workers) and wall time."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+           "--submission-id", name]
+    if env_vars:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    cmd += ["--", "python", "-m", "metadistil_scale.launch.ray_job", "--num-workers", "2",
+            "--storage-path", str(cluster.storage), "--name", name, "--max-failures", "2", *ZERO2]
+    for override in recipe(cluster.models):
+        cmd += ["--set", override]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - started
+    output = proc.stdout + proc.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(cluster.dashboard).get_job_status(name)
+    assert proc.returncode == 0 and status == JobStatus.SUCCEEDED, f"job {name}: {status}\n{output[-8000:]}"
+    return output, wall
+
+
+def final_parameters(run: Path) -> dict[str, torch.Tensor]:
+    """The final student and the meta-trained teacher of the run folder's metadistil stage."""
+    student = load_file(run / "metadistil" / "student" / "model.safetensors")
+    teacher = load_file(run / "metadistil" / "best" / "teacher" / "model.safetensors")
+    return {**{f"student.{k}": v for k, v in student.items()}, **{f"teacher.{k}": v for k, v in teacher.items()}}
+
+
+def initial_parameters(models: Path) -> dict[str, torch.Tensor]:
+    student = load_file(models / "student" / "model.safetensors")
+    teacher = load_file(models / "teacher" / "model.safetensors")
+    return {**{f"student.{k}": v for k, v in student.items()}, **{f"teacher.{k}": v for k, v in teacher.items()}}
+
+
+def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                   start: dict[str, torch.Tensor] | None = None) -> float:
+    """‖got − want‖ / ‖want‖, or relative to how far training moved want from `start`."""
+    assert got.keys() == want.keys()
+    keys = sorted(want)
+    flat = lambda d: torch.cat([d[k].reshape(-1).double() for k in keys])  # noqa: E731
+    scale = (flat(want) - flat({k: start[k] for k in keys})) if start is not None else flat(want)
+    return float((flat(got) - flat(want)).norm() / scale.norm())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: Cluster) -> tuple[str, Path]:
+    output, wall = submit(cluster, "uninterrupted")
+    TIMINGS["uninterrupted job"] = wall
+    return output, cluster.storage / "uninterrupted" / "output"
+
+
+# ---------------------------------------------------------------- the jobs
+
+
+@pytest.mark.slow
+def test_zero2_job_matches_one_process(cluster: Cluster, uninterrupted: tuple[str, Path], tmp_path: Path) -> None:
+    from metadistil_scale.trainer import train
+
+    output, run = uninterrupted
+    assert "[ray] finished in" in output and "metadistil" in output  # the results table reached the driver
+    results = json.loads((run / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["finetune", "metadistil"]
+    # The final Ray checkpoint carries the results and the final student too.
+    final = Path(output.split("final Ray checkpoint (results.json, config.yaml, students): ")[1].split()[0])
+    assert json.loads((final / "results.json").read_text()) == results
+    assert (final / "metadistil" / "student" / "model.safetensors").is_file()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        reference = train(load_config(None, [f"output_dir={tmp_path / 'one'}", *recipe(cluster.models)]))
+        TIMINGS["one-process reference"] = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    start = initial_parameters(cluster.models)
+    got, want = final_parameters(run), final_parameters(tmp_path / "one")
+    start = {k: start[k] for k in want}
+    assert relative_error(got, want, start) <= 1e-5
+    assert results["rows"][1]["best_dev"] == reference["rows"][1]["best_dev"]
+    assert results["rows"][1]["test"] == reference["rows"][1]["test"]
+
+
+@pytest.mark.slow
+def test_a_lost_worker_resumes_from_the_last_checkpoint(cluster: Cluster, uninterrupted: tuple[str, Path]) -> None:
+    marker = cluster.storage / "killed-once"
+    output, wall = submit(cluster, "lost-worker", {"METADISTIL_RAY_KILL_ONCE": str(marker)})
+    TIMINGS["job with a lost worker"] = wall
+    # What the failure cost: the time between the first and the last checkpoint, beyond an uninterrupted run's.
+    TIMINGS["cost of the failure"] = checkpoint_gap(output) - checkpoint_gap(uninterrupted[0])
+    assert marker.read_text().split() == ["metadistil", str(EVAL_EVERY)]
+    assert f"kills itself after the checkpoint at metadistil step {EVAL_EVERY}" in output
+    assert f"[ray] restarting from Ray Train checkpoint {cluster.storage / 'lost-worker'}" in output
+    assert f"(stage metadistil, step {EVAL_EVERY})" in output
+    assert f"[metadistil] resumed from {cluster.storage / 'lost-worker' / 'output' / 'metadistil' / 'last'} " \
+           f"at step {EVAL_EVERY}/{STEPS}" in output
+    _, run = uninterrupted
+    want, got = final_parameters(run), final_parameters(cluster.storage / "lost-worker" / "output")
+    assert relative_error(got, want) <= 1e-6
+    assert _rows(cluster.storage / "lost-worker" / "output") == _rows(run)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "wall_time_s"}
+            for row in json.loads((run / "results.json").read_text())["rows"]]
+
+
+def checkpoint_gap(output: str) -> float:
+    """Seconds between the reports of the first and the last stage checkpoint of a job (rank 0 logs each)."""
+    times = re.findall(r"\[ray\] reported metadistil step \d+ at (\S+)", output)
+    return (datetime.fromisoformat(times[-1]) - datetime.fromisoformat(times[0])).total_seconds()
+
+
+# ---------------------------------------------------------------- errors before any worker starts
+
+
+def _driver(*args: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "metadistil_scale.launch.ray_job", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_holds_fail_fast(cluster: Cluster) -> None:
+    proc, wall = _driver("--address", cluster.gcs, "--num-workers", "3", "--storage-path", str(cluster.storage),
+                         "--name", "too-many", *ZERO2, *sum((["--set", o] for o in recipe(cluster.models)), []))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--num-workers 3 asks for 3 workers of {'CPU': 1.0}" in proc.stderr
+    assert "at most 2 such workers fit" in proc.stderr
+    assert wall < 90
+
+
+@pytest.mark.slow
+def test_no_cluster_at_the_address(tmp_path: Path) -> None:
+    proc, _ = _driver("--address", f"127.0.0.1:{_free_port()}", "--storage-path", str(tmp_path))
+    assert proc.returncode == 2
+    assert "error: no Ray cluster reachable at 127.0.0.1:" in proc.stderr
+    proc, _ = _driver("--address", "http://127.0.0.1:8265", "--storage-path", str(tmp_path))
+    assert proc.returncode == 2 and "is a dashboard (job submission) address" in proc.stderr
+    script = subprocess.run(["bash", "launch/submit_default.sh"], cwd=REPO, capture_output=True, text=True,
+                            env=_env() | {"RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{_free_port()}"}, timeout=60)
+    assert script.returncode == 2 and "error: no Ray job server at http://127.0.0.1:" in script.stderr
+
+
+@pytest.mark.slow
+def test_a_storage_path_that_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc, _ = _driver("--storage-path", str(blocker / "results"))
+    assert proc.returncode == 2
+    assert f"error: --storage-path {blocker / 'results'} is not writable" in proc.stderr
+
+
+# ---------------------------------------------------------------- putting a reported checkpoint back (no cluster)
+
+
+def _reported(folder: Path, stage: str, step: int, sharded: bool) -> Path:
+    """A reported checkpoint as the workers upload it: the manifest, the stage checkpoint and its metrics log."""
+    rel = f"{stage}/last" if sharded else f"{stage}/last.pt"
+    if sharded:
+        (folder / rel / f"step-{step:08d}" / "student").mkdir(parents=True)
+        (folder / rel / f"step-{step:08d}" / "student" / "shard.pt").write_text(f"step {step}")
+        (folder / rel / "latest").write_text(f"step-{step:08d}\n")
+    else:
+        (folder / stage).mkdir(parents=True)
+        torch.save({"state": {"step": step}}, folder / rel)
+    (folder / stage / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
+    (folder / MANIFEST).write_text(json.dumps({"stage": stage, "step": step, "checkpoint": rel}))
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_restore_fills_a_run_folder_that_lost_its_checkpoint(tmp_path: Path, sharded: bool) -> None:
+    saved = _reported(tmp_path / "ray", "metadistil", 4, sharded)
+    out = tmp_path / "run"
+    restore(saved, out, "checkpoint_x")
+    target = out / "metadistil" / ("last" if sharded else "last.pt")
+    assert checkpoint_step(target) == 4
+    assert (out / "metadistil" / "metrics.jsonl").read_text() == '{"step": 4}\n'
+    if sharded:
+        assert (target / "step-00000004" / "student" / "shard.pt").read_text() == "step 4"
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_restore_keeps_a_newer_checkpoint_and_replaces_an_older_or_broken_one(tmp_path: Path, sharded: bool) -> None:
+    saved = _reported(tmp_path / "ray", "kd", 4, sharded)
+    newer = _reported(tmp_path / "run", "kd", 6, sharded)
+    restore(saved, newer, "checkpoint_x")
+    assert checkpoint_step(newer / "kd" / ("last" if sharded else "last.pt")) == 6
+
+    older = _reported(tmp_path / "old", "kd", 2, sharded)
+    restore(saved, older, "checkpoint_x")
+    assert checkpoint_step(older / "kd" / ("last" if sharded else "last.pt")) == 4
+    if sharded:  # the older step's folder went with it
+        assert sorted(p.name for p in (older / "kd" / "last").iterdir()) == ["latest", "step-00000004"]
+    else:
+        broken = older / "kd" / "last.pt"
+        broken.write_bytes(b"not a checkpoint")
+        assert checkpoint_step(broken) is None
+        restore(saved, older, "checkpoint_x")
+        assert checkpoint_step(broken) == 4
