@@ -197,6 +197,12 @@ def train_worker(loop: dict[str, Any]) -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # it logs each engine's whole config at INFO
 
+    if loop["use_gpu"]:
+        import torch
+
+        # The trainer and DeepSpeed put a rank on cuda:LOCAL_RANK: make that the GPU Ray gave this worker (Ray
+        # has made it the current device).
+        os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
     cfg = config_from_dict(loop["config"])
     out = Path(cfg.output_dir)
     context = ray.train.get_context()
