@@ -186,6 +186,7 @@ def run_stage(
     train_rows = task.rows("train")
     steps = total_steps(stage, len(train_rows))
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    check_distributed(cfg, world)  # also for callers other than train() (experiments, Ray workers)
     stream = BatchStream(train_rows, stage.batch_size, cfg.seed, task.collate, stage.micro_batch_size, rank, world)
     regression = task.info.is_regression
     metric_key = primary_metric(task.info.metric)

@@ -2,7 +2,8 @@
 
 The launched checks run on the CPU (DS_ACCELERATOR=cpu, gloo) in a few launches that each run many jobs
 (tests/_ds_worker.py), so the suite pays the start-up of 2 processes only a few times:
-  - MetaDistil and KD for teacher ZeRO 0/1/2/3 × student ZeRO 0/2, the student at ZeRO-3, the torch backend's
+  - MetaDistil for teacher ZeRO 0/1/2/3 × student ZeRO 0/2 and KD for teacher ZeRO 0/3 × student ZeRO 0/2
+    (KD's frozen teacher runs ZeRO 1/2 as stage 0), the student at ZeRO-3, the torch backend's
     own data parallelism, teacher ZeRO-3 with CPU offload, ZeRO-3 fine-tuning, and bf16 (loosely);
   - checkpoints at step 1 resumed in a second launch, at every teacher stage and both student stages;
   - the CLI under the deepspeed launcher, stopped and resumed under torchrun, against one plain process.
@@ -17,6 +18,7 @@ import socket
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import _ds_worker as worker
@@ -82,7 +84,9 @@ def _assert_same_run(got: dict, want: dict, method: str, tol: float = TOL, label
 
 META = [(t, s) for t in (0, 1, 2, 3) for s in (0, 2)]
 META_RESUMED = {(0, 0), (1, 2), (2, 0), (3, 2)}  # every teacher stage, both student stages
-KD_RESUMED = {(1, 0), (3, 2)}
+# KD's teacher is frozen: ZeRO 1/2 have nothing to shard for it and run as stage 0 (checked without a launch).
+KD = [(t, s) for t in (0, 3) for s in (0, 2)]
+KD_RESUMED = {(0, 0), (3, 2)}
 
 
 def _jobs() -> tuple[list[dict], list[dict]]:
@@ -91,7 +95,7 @@ def _jobs() -> tuple[list[dict], list[dict]]:
                 "save_at": SAVE_AT if save else None}
 
     first = [job(f"meta_t{t}_s{s}", "metadistil", f"zero{t}", f"zero{s}", (t, s) in META_RESUMED) for t, s in META]
-    first += [job(f"kd_t{t}_s{s}", "kd", f"zero{t}", f"zero{s}", (t, s) in KD_RESUMED) for t, s in META]
+    first += [job(f"kd_t{t}_s{s}", "kd", f"zero{t}", f"zero{s}", (t, s) in KD_RESUMED) for t, s in KD]
     first += [
         # The student at ZeRO-3: its meta passes run on a replica of the gathered parameters.
         job("meta_t3_s3", "metadistil", "zero3", "zero3", save=True),
@@ -106,15 +110,24 @@ def _jobs() -> tuple[list[dict], list[dict]]:
     return first, second
 
 
+@pytest.fixture
+def own_tmp():
+    """A private temporary folder: pytest's numbered tmp folders can be rotated away by other pytest sessions
+    that start while these minutes-long launches run."""
+    with tempfile.TemporaryDirectory(prefix="metadistil-ds-") as folder:
+        yield Path(folder)
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> tuple[Path, list[dict], list[dict]]:
-    out = tmp_path_factory.mktemp("ds_jobs")
+def launched():
     first, second = _jobs()
-    for name, jobs in (("first", first), ("second", second)):
-        spec = out / f"{name}.json"
-        spec.write_text(json.dumps(jobs))
-        _run(_torchrun(str(REPO / "tests" / "_ds_worker.py"), str(spec), str(out)))
-    return out, first, second
+    with tempfile.TemporaryDirectory(prefix="metadistil-ds-jobs-") as folder:
+        out = Path(folder)
+        for name, jobs in (("first", first), ("second", second)):
+            spec = out / f"{name}.json"
+            spec.write_text(json.dumps(jobs))
+            _run(_torchrun(str(REPO / "tests" / "_ds_worker.py"), str(spec), str(out)))
+        yield out, first, second
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +204,10 @@ def _weights(folder: Path) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_cli_under_deepspeed_launcher_then_resumed_under_torchrun(tmp_path):
+def test_cli_under_deepspeed_launcher_then_resumed_under_torchrun(own_tmp):
     from metadistil_scale import cli
 
+    tmp_path = own_tmp
     recipe = _recipe(tmp_path)
     zero = ["--deepspeed-teacher", "ds_configs/zero3.json", "--deepspeed-student", "ds_configs/zero2.json"]
     entry = ["train", "--config", str(recipe), "--output-dir", str(tmp_path / "ds"), *zero]
@@ -257,6 +271,13 @@ def test_configs_the_shipped_set_covers():
 def test_bad_deepspeed_configs_name_the_key(raw, match):
     with pytest.raises(ConfigError, match=match):
         _resolve(raw)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_frozen_model_runs_zero1_and_zero2_as_stage0(stage):
+    config = {"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}
+    assert _resolve(config, optim=None)["zero_optimization"]["stage"] == 0
+    assert _resolve(config)["zero_optimization"]["stage"] == stage
 
 
 def test_missing_or_broken_config_files_name_the_key(tmp_path):
