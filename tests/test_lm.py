@@ -115,8 +115,9 @@ def reference_kd_sum(z_s, z_t, labels, *, soft, alpha, temperature=TEMPERATURE):
     return alpha * ce + (1 - alpha) * per_token[valid].sum()
 
 
-def reference_teacher_grad(teacher, student, train, quiz, *, soft, alpha):
-    """∇θt of the mean quiz CE at θs − λ∇θs L_S(θs; θt), by create_graph through the models' own logits."""
+def reference_teacher_grad(teacher, student, train, quiz, *, soft, alpha, beta=0.0):
+    """∇θt of the mean quiz CE at θs − λ∇θs L_S(θs; θt) (plus β × the teacher's own mean CE on the train
+    batch), by create_graph through the models' own logits."""
     params = dict(student.named_parameters())
     z_t = full_logits(teacher, train["teacher"])
     z_s = full_logits(student, train["student"], params)
@@ -126,6 +127,8 @@ def reference_teacher_grad(teacher, student, train, quiz, *, soft, alpha):
     pilot = {k: p - PILOT_LR * g for (k, p), g in zip(params.items(), grads)}
     z_q = full_logits(student, quiz["student"], pilot)
     meta_loss = F.cross_entropy(z_q, quiz["labels"], ignore_index=IGNORE_INDEX)
+    if beta:
+        meta_loss = meta_loss + beta * F.cross_entropy(z_t, train["labels"], ignore_index=IGNORE_INDEX)
     grads = torch.autograd.grad(meta_loss, list(teacher.parameters()), allow_unused=True)
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, teacher.parameters())]
 
@@ -137,7 +140,7 @@ def rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def make_meta(teacher, student, *, chunk_rows=None, materialize=False, u_mode="jvp", schedule="lean", soft="kl",
-              alpha=0.5) -> MetaDistil:
+              alpha=0.5, beta=0.0) -> MetaDistil:
     teacher_optim = OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, warmup_ratio=0.0,
                                 max_grad_norm=None)
     student_optim = OptimConfig(lr=1e-2, warmup_ratio=0.0, max_grad_norm=None)
@@ -146,7 +149,7 @@ def make_meta(teacher, student, *, chunk_rows=None, materialize=False, u_mode="j
         TorchModel(CausalLMHead(teacher, **wrap), teacher_optim, 100),
         TorchModel(CausalLMHead(student, **wrap), student_optim, 100),
         DistillConfig(alpha=alpha, temperature=TEMPERATURE, soft_loss=soft),
-        MetaConfig(pilot_lr=PILOT_LR, u_mode=u_mode, schedule=schedule, fd_epsilon=1e-5),
+        MetaConfig(pilot_lr=PILOT_LR, u_mode=u_mode, schedule=schedule, fd_epsilon=1e-5, teacher_ce_weight=beta),
     )
 
 
@@ -170,6 +173,15 @@ def test_chunked_teacher_meta_gradient_equals_unrolled(layout, soft, alpha, u_mo
     assert float(torch.cat([w.reshape(-1) for w in want]).norm()) > 0
     assert rel_error(teacher_grads(teacher), want) <= tol
     assert all(p.grad is None for p in student.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["lean", "fast"])
+def test_teacher_ce_weight_adds_the_teachers_own_token_loss(schedule):
+    teacher, student = pair()
+    train, quiz = batch("padded", 6, seed=1), batch("padded", 4, seed=2)
+    want = reference_teacher_grad(teacher, student, train, quiz, soft="kl", alpha=0.5, beta=0.7)
+    make_meta(teacher, student, chunk_rows=3, schedule=schedule, beta=0.7).accumulate_teacher_grad([train], [quiz])
+    assert rel_error(teacher_grads(teacher), want) <= 1e-8
 
 
 @pytest.mark.parametrize("u_mode", ["jvp", "finite-difference"])

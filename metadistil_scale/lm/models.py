@@ -230,7 +230,26 @@ class CausalLMHead(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         hidden = out.last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1]), self.lm.get_output_embeddings().weight
+        weight = self.lm.get_output_embeddings().weight
+        if hasattr(weight, "ds_id"):
+            weight = self._zero3_head_copy(weight)
+        return hidden.reshape(-1, hidden.shape[-1]), weight
+
+    def _zero3_head_copy(self, weight: nn.Parameter) -> torch.Tensor:
+        """ZeRO-3 keeps only a shard of the head outside the modules' forwards, and the chunked losses use it after
+        this forward: they get a whole copy, whose gradient flows back to the parameter. Registered as this
+        module's external parameter, the head is gathered for its forward from the second call on."""
+        from deepspeed.runtime.zero.partition_parameters import (
+            GatheredParameters,
+            ZeroParamStatus,
+            register_external_parameter,
+        )
+
+        if weight.ds_status == ZeroParamStatus.AVAILABLE:
+            return weight.clone()
+        register_external_parameter(self, weight)
+        with GatheredParameters(weight):
+            return weight.clone()
 
     def forward(
         self,

@@ -99,7 +99,8 @@ class LMConfig:
     model: LMModelConfig = field(default_factory=LMModelConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(alpha=0.5, temperature=2.0))
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(
-        pilot_lr=1e-4, quiz_batch_size=4, teacher_optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_ratio=0.0)))
+        pilot_lr=1e-4, quiz_batch_size=4, teacher_ce_weight=1.0,
+        teacher_optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_ratio=0.0)))
     student_train: StageConfig = field(default_factory=lambda: StageConfig(
         batch_size=4, max_steps=10, optim=OptimConfig(lr=2e-4, warmup_ratio=0.0)))
 
@@ -174,7 +175,8 @@ def evaluate_lm(model: CausalLMHead, rows: LMRows, batch_size: int, device: torc
     was_training = model.training
     model.eval()
     ce, correct, count = 0.0, 0, 0
-    chunked = CausalLMHead(model.lm, chunk_rows=model.chunk_rows)  # evaluation never needs [N, V] at once
+    # Evaluation never needs [N, V] at once, whichever path trains.
+    chunked = CausalLMHead(model.lm, chunk_rows=model.chunk_rows) if model.materialize else model
     for start in range(0, len(rows), batch_size):
         batch = to_device(rows.batch(list(range(start, min(start + batch_size, len(rows))))), device)
         logits: HeadLogits = chunked(**batch["student"])
