@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from metadistil_scale.experiment import run_experiment
             from metadistil_scale.report import format_table
 
-            print(format_table(run_experiment(cfg, resume=args.resume)))
-            print(f"summary: {Path(cfg.output_dir) / 'summary.md'}")
+            summary = run_experiment(cfg, resume=args.resume)
+            if is_main():
+                print(format_table(summary))
+                print(f"summary: {Path(cfg.output_dir) / 'summary.md'}")
             return 0
         try:
             results = train(cfg, resume=args.resume, stop_after=args.stop_after)
