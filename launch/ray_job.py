@@ -173,10 +173,16 @@ def check_resources(num_workers: int, per_worker: dict[str, float]) -> None:
     free = ray.available_resources()
     if any(free.get(key, 0.0) < need * num_workers for key, need in per_worker.items()):
         print(f"[ray] note: other work holds part of the cluster now (free: {free}); the run starts when "
-              "its workers fit", flush=True)
+              "its workers fit")
 
 
 # ---------------------------------------------------------------- the workers
+
+
+def say(message: str) -> None:
+    """A line in the job's log, once: Ray Train echoes a worker's print() to both of its output streams."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def train_worker(loop: dict[str, Any]) -> None:
@@ -218,8 +224,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         marker = out / RUN_MARKER
         if marker.is_file() and marker.read_text().strip() == loop["name"]:
             if not resume:
-                print(f"[ray] restarting run {loop['name']} without a Ray Train checkpoint: resuming the run "
-                      f"folder's own", flush=True)
+                say(f"[ray] restarting run {loop['name']} without a Ray Train checkpoint: resuming the run "
+                    "folder's own")
             resume = True
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(loop["name"] + "\n")
@@ -277,7 +283,7 @@ class Reporter:
             (Path(tmp) / MANIFEST).write_text(json.dumps({**manifest, "output_dir": str(self.out)}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         what = "the final outputs" if manifest["stage"] == "done" else f"{manifest['stage']} step {manifest['step']}"
-        print(f"[ray] reported {what} at {datetime.now().isoformat(timespec='milliseconds')}", flush=True)
+        say(f"[ray] reported {what} at {datetime.now().isoformat(timespec='milliseconds')}")
 
     def _maybe_fail(self, stage: str, step: int) -> None:
         marker = os.environ.get(KILL_ONCE_ENV)
@@ -288,8 +294,8 @@ class Reporter:
         # Only once Ray Train holds the checkpoint just reported (registration trails the report).
         ray.train.get_all_reported_checkpoints(timeout_s=300)
         Path(marker).write_text(f"{stage} {step}\n")
-        print(f"[ray] {KILL_ONCE_ENV}: rank {self.rank} (pid {os.getpid()}) kills itself after the checkpoint at "
-              f"{stage} step {step}", flush=True)
+        say(f"[ray] {KILL_ONCE_ENV}: rank {self.rank} (pid {os.getpid()}) kills itself after the checkpoint at "
+              f"{stage} step {step}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -313,15 +319,14 @@ def restore(folder: Path, out: Path, source: str) -> None:
 
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest["stage"] == "done":
-        print(f"[ray] restarting after the run finished (Ray Train checkpoint {source}): re-reporting its results",
-              flush=True)
+        say(f"[ray] restarting after the run finished (Ray Train checkpoint {source}): re-reporting its results")
         return
     stage, step, rel = manifest["stage"], manifest["step"], manifest["checkpoint"]
     target = out / rel
     have = checkpoint_step(target)
-    print(f"[ray] restarting from Ray Train checkpoint {source} (stage {stage}, step {step})", flush=True)
+    say(f"[ray] restarting from Ray Train checkpoint {source} (stage {stage}, step {step})")
     if have is not None and have >= step:
-        print(f"[ray] the run folder already holds {target} at step {have}: resuming from it", flush=True)
+        say(f"[ray] the run folder already holds {target} at step {have}: resuming from it")
         return
     saved = folder / rel
     if saved.is_dir():
@@ -332,13 +337,14 @@ def restore(folder: Path, out: Path, source: str) -> None:
         os.replace(target.with_name(target.name + ".restore"), target)
     if (saved.parent / "metrics.jsonl").is_file():
         shutil.copy2(saved.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
-    print(f"[ray] copied the checkpoint into {target}", flush=True)
+    say(f"[ray] copied the checkpoint into {target}")
 
 
 # ---------------------------------------------------------------- the driver
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # a job's log is a pipe: show progress as it happens
     args = build_parser().parse_args(argv)
     from metadistil_scale.backends import check_distributed
     from metadistil_scale.cli import _load, print_table
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     print(f"[ray] run {name}: {args.num_workers} workers of {per_worker}; checkpoints in {storage}/{name}; "
-          f"run folder {cfg.output_dir}", flush=True)
+          f"run folder {cfg.output_dir}")
     started = time.perf_counter()
     try:
         result = trainer.fit()

@@ -92,7 +92,7 @@ def _end_head(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         tree = []
     proc.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=3)
     for p in alive:
         try:
             p.kill()  # psutil checks that the pid still names the process it listed
