@@ -145,13 +145,14 @@ def main() -> None:
     by = {r["config"]: r for r in rows}
     kd, ft, unrolled = by.get("kd"), by.get("finetune"), by.get("unrolled")
     print(f"\npair={args.pair} batch={args.batch} length={args.length} steps={args.steps}")
-    print(f"| config | step (s) | x kd | step peak (MB) | x finetune | x unrolled | process peak (MB) |")
+    print("| config | step (s) | x kd | step peak (MB) | x finetune | x unrolled | process peak (MB) |")
     print("|---|---|---|---|---|---|---|")
+    def ratio(r: dict, ref: dict | None, key: str) -> str:
+        return f"{r[key] / ref[key]:.2f}" if ref else "-"
+
     for r in rows:
-        def ratio(ref, key):
-            return f"{r[key] / ref[key]:.2f}" if ref else "-"
-        print(f"| {r['config']} | {r['step_s']:.2f} | {ratio(kd, 'step_s')} | {r['step_peak_mb']:.0f} | "
-              f"{ratio(ft, 'step_peak_mb')} | {ratio(unrolled, 'step_peak_mb')} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['config']} | {r['step_s']:.2f} | {ratio(r, kd, 'step_s')} | {r['step_peak_mb']:.0f} | "
+              f"{ratio(r, ft, 'step_peak_mb')} | {ratio(r, unrolled, 'step_peak_mb')} | {r['peak_rss_mb']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
