@@ -69,6 +69,9 @@ def init_distributed(use_deepspeed: bool) -> None:
 
 def destroy() -> None:
     if is_initialized():
+        # Tear down together: a rank that leaves while its peer is still in a collective or writing results
+        # can abort in gloo's background threads ("terminate called without an active exception").
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
