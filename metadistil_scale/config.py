@@ -221,7 +221,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def read_raw_config(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """A recipe file (optional) with dotted overrides applied: the raw mapping a config class is built from."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -236,7 +237,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    config = _build(Config, raw)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    config = _build(Config, read_raw_config(path, overrides))
     validate(config)
     return config
 

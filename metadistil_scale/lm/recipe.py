@@ -27,17 +27,15 @@ from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.checkpoint import atomic_write_text, seed_everything
 from metadistil_scale.config import (
     METHODS,
-    ConfigError,
     DistillConfig,
     MetaConfig,
     OptimConfig,
     StageConfig,
     _build,
     _require,
-    _set_dotted,
     _validate_optim,
     _validate_stage,
-    parse_override,
+    read_raw_config,
 )
 from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
 from metadistil_scale.lm.data import EMBEDDED_KJV, LMRows, build_splits
@@ -106,18 +104,7 @@ class LMConfig:
 
 
 def load_lm_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LMConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    config = _build(LMConfig, raw)
+    config = _build(LMConfig, read_raw_config(path, overrides))
     validate_lm(config)
     return config
 
