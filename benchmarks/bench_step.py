@@ -8,6 +8,10 @@ Peak memory is the process's peak resident set size (ru_maxrss) minus its reside
 optimizers and batches exist, i.e. what the step itself adds (activations, graphs, gradients, optimizer
 state, pilot parameters). Times are the median over --steps steps after one warm-up step. Ratios are taken
 against `kd` measured in the same invocation.
+
+The timed MetaDistil steps are the trainer's unlogged steps (diagnostics=False); the quiz loss after the
+teacher update, which the trainer computes only on the steps it logs, is timed on one more step and shown
+apart. --cpu-allocator picks the host allocator setting the trainer applies (`cpu_allocator`).
 """
 
 from __future__ import annotations
@@ -67,17 +71,19 @@ def torch_seed() -> None:
     torch.manual_seed(0)
 
 
-def run_one(name: str, pair: str, batch: int, length: int, steps: int) -> dict:
+def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from metadistil_scale.backends.torch_backend import TorchModel
+    from metadistil_scale.backends.torch_backend import TorchModel, retain_freed_host_memory
     from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
     from metadistil_scale.meta import MetaDistil
     from metadistil_scale.steps import finetune_step, kd_step
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if allocator == "retain":
+        retain_freed_host_memory()
     teacher, student = build(pair)
     g = torch.Generator().manual_seed(0)
 
@@ -86,8 +92,9 @@ def run_one(name: str, pair: str, batch: int, length: int, steps: int) -> dict:
                   "attention_mask": torch.ones(batch, length, dtype=torch.long)}
         return {"teacher": inputs, "student": inputs, "labels": torch.randint(0, 2, (batch,), generator=g)}
 
-    batches = [[make_batch()] for _ in range(steps + 1)]
-    quizzes = [[make_batch()] for _ in range(steps + 1)]
+    batches = [[make_batch()] for _ in range(steps + 2)]
+    quizzes = [[make_batch()] for _ in range(steps + 2)]
+    phases: list[dict] = []
     optim = OptimConfig(lr=1e-5, warmup_ratio=0.0)
     distill = DistillConfig()
     if name == "finetune":
@@ -105,7 +112,8 @@ def run_one(name: str, pair: str, batch: int, length: int, steps: int) -> dict:
                           distill, MetaConfig(**CONFIGS[name]))
 
         def step(i: int) -> None:
-            meta.step(batches[i], quizzes[i])
+            metrics = meta.step(batches[i], quizzes[i], diagnostics=i > steps)
+            phases.append({k[len("time_"):]: v for k, v in metrics.items() if k.startswith("time_")})
 
     base = rss_mb()
     times = []
@@ -113,8 +121,13 @@ def run_one(name: str, pair: str, batch: int, length: int, steps: int) -> dict:
         start = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - start)
-    return {"config": name, "step_s": statistics.median(times[1:]), "peak_rss_mb": peak_rss_mb(),
-            "base_rss_mb": base, "step_peak_mb": peak_rss_mb() - base, "threads": torch.get_num_threads()}
+    row = {"config": name, "step_s": statistics.median(times[1:]), "peak_rss_mb": peak_rss_mb(),
+           "base_rss_mb": base, "step_peak_mb": peak_rss_mb() - base, "threads": torch.get_num_threads()}
+    if phases:
+        step(steps + 1)  # one logged step, for the cost of the quiz-after diagnostic
+        row["quiz_after_s"] = phases.pop()["quiz_after"]
+        row["phases_s"] = {k: statistics.median(p[k] for p in phases[1:]) for k in phases[0]}
+    return row
 
 
 def main() -> None:
@@ -124,17 +137,18 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--cpu-allocator", choices=("retain", "system"), default="retain")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.pair, args.batch, args.length, args.steps)))
+        print(json.dumps(run_one(args.one, args.pair, args.batch, args.length, args.steps, args.cpu_allocator)))
         return
 
     rows = []
     for name in args.configs:
         cmd = [sys.executable, __file__, "--one", name, "--pair", args.pair, "--batch", str(args.batch),
-               "--length", str(args.length), "--steps", str(args.steps)]
+               "--length", str(args.length), "--steps", str(args.steps), "--cpu-allocator", args.cpu_allocator]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -144,15 +158,28 @@ def main() -> None:
 
     by = {r["config"]: r for r in rows}
     kd, ft, unrolled = by.get("kd"), by.get("finetune"), by.get("unrolled")
-    print(f"\npair={args.pair} batch={args.batch} length={args.length} steps={args.steps}")
-    print("| config | step (s) | x kd | step peak (MB) | x finetune | x unrolled | process peak (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\npair={args.pair} batch={args.batch} length={args.length} steps={args.steps} "
+          f"cpu_allocator={args.cpu_allocator}")
+    print("| config | step (s) | x kd | step peak (MB) | x finetune | x unrolled | process peak (MB) |"
+          " quiz-after diagnostic (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+
     def ratio(r: dict, ref: dict | None, key: str) -> str:
         return f"{r[key] / ref[key]:.2f}" if ref else "-"
 
     for r in rows:
+        after = f"{r['quiz_after_s']:.2f}" if "quiz_after_s" in r else "-"
         print(f"| {r['config']} | {r['step_s']:.2f} | {ratio(r, kd, 'step_s')} | {r['step_peak_mb']:.0f} | "
-              f"{ratio(r, ft, 'step_peak_mb')} | {ratio(r, unrolled, 'step_peak_mb')} | {r['peak_rss_mb']:.0f} |")
+              f"{ratio(r, ft, 'step_peak_mb')} | {ratio(r, unrolled, 'step_peak_mb')} | {r['peak_rss_mb']:.0f} | "
+              f"{after} |")
+    phased = [r for r in rows if "phases_s" in r]
+    if phased:
+        names = list(dict.fromkeys(k for r in phased for k in r["phases_s"]))
+        print("\nMetaDistil phases (s, median):")
+        print("| config | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for r in phased:
+            print(f"| {r['config']} | " + " | ".join(f"{r['phases_s'].get(k, 0.0):.2f}" for k in names) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)

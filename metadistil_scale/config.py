@@ -27,6 +27,7 @@ LR_SCHEDULES = ("linear", "step", "constant")
 # Image tasks take CIFAR-style CNNs ("cv:<name>" model sources); every other task is text.
 IMAGE_TASKS = ("fashion_mnist", "cifar100")
 DTYPES = ("float32", "float64", "bfloat16")
+CPU_ALLOCATORS = ("retain", "system")
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,9 @@ class Config:
     # `metadistil-scale experiment` runs every method once per seed (`seed` is then ignored).
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "auto"
+    # On CPU: "retain" keeps freed memory in the heap for the next pass (faster steps), "system" leaves
+    # glibc's defaults.
+    cpu_allocator: str = "retain"
     dtype: str = "float32"
     eval_batch_size: int = 128
     eval_every: int = 50
@@ -312,6 +316,7 @@ def validate(c: Config) -> None:
     _require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
              c.seeds)
     _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    _require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
     _require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
     for key in ("eval_batch_size", "eval_every", "log_every"):
         _require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))

@@ -39,25 +39,10 @@ from metadistil_scale.losses import (
     tangent_from_jvp,
     teacher_cotangent,
 )
+from metadistil_scale.replay import ForwardRandomness
 from metadistil_scale.steps import Batch, count_rows, kd_step
 
 Params = dict[str, torch.Tensor]
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: tuple) -> Iterator[None]:
-    """Run a block with the RNG as it was at `state` (same dropout masks), then put the RNG back."""
-    devices = list(range(torch.cuda.device_count())) if state[1] is not None else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state_all(state[1])
-        yield
 
 
 class PhaseTimer:
@@ -94,19 +79,21 @@ class MetaDistil:
         buffers = {n: b.clone() for n, b in module.named_buffers()}
         return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
 
-    def _tangent(self, theta: Params, v: Params, inputs: dict[str, torch.Tensor], rng: tuple) -> torch.Tensor:
+    def _tangent(
+        self, theta: Params, v: Params, inputs: dict[str, torch.Tensor], randomness: ForwardRandomness
+    ) -> torch.Tensor:
         """u = J_s(θs; x)·v, by forward-mode AD or central finite differences (for a causal LM, as factors
-        from which the chunked path makes u's rows)."""
+        from which the chunked path makes u's rows), with the pilot forward's dropout masks."""
         if self.meta.u_mode == "jvp":
-            with _replayed_rng(rng):
+            with randomness.replay():
                 primal, tangent = jvp(lambda p: self._student_at(p, inputs), (theta,), (v,))
             return tangent_from_jvp(primal, tangent)
-        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
+        norm = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in v.values()) ** 0.5  # no copy of v
         eps = self.meta.fd_epsilon / max(float(norm), 1e-30)
         with torch.no_grad():
-            with _replayed_rng(rng):
+            with randomness.replay():
                 plus = self._student_at({k: theta[k] + eps * v[k] for k in theta}, inputs)
-            with _replayed_rng(rng):
+            with randomness.replay():
                 minus = self._student_at({k: theta[k] - eps * v[k] for k in theta}, inputs)
         return central_difference(plus, minus, eps)
 
@@ -137,27 +124,35 @@ class MetaDistil:
         *,
         update_teacher: bool = True,
         pilot_parts: list[Batch] | None = None,
+        diagnostics: bool = True,
     ) -> dict[str, float]:
         """One MetaDistil step on the train batch `parts` (micro-batches). `pilot_parts`, when given, is a
-        different batch for the pilot and the meta-gradient (the paper's no-pilot ablation)."""
+        different batch for the pilot and the meta-gradient (the paper's no-pilot ablation). `diagnostics`
+        adds the quiz loss after the teacher update (one more student forward on the quiz batch); the trainer
+        asks for it on the steps it logs."""
         if not update_teacher:
             return kd_step(self.teacher, self.student, parts, self.distill, self.regression)
         timer = PhaseTimer()
         same_batch = pilot_parts is None
         meta_parts = parts if same_batch else pilot_parts
-        metrics, kept, rngs = self.accumulate_teacher_grad(meta_parts, quiz, timer, keep=same_batch)
+        metrics, kept, drawn = self.accumulate_teacher_grad(meta_parts, quiz, timer, keep=same_batch)
         with timer("teacher_step"):
             metrics["teacher_grad_norm"] = self.teacher.step()
         with timer("student_step"):
-            metrics.update(self._real_student_step(parts, quiz, kept, rngs if same_batch else None))
+            metrics.update(self._real_student_step(parts, kept, drawn if same_batch else None))
+        if diagnostics:
+            with timer("quiz_after"):
+                metrics["quiz_loss_after"] = self._quiz_loss_after(quiz)
+        with timer("optimizer_step"):
+            metrics["grad_norm"] = self.student.step()
         metrics.update(timer.seconds)
         return metrics
 
     def accumulate_teacher_grad(
         self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer | None = None, keep: bool = False
-    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[tuple]]:
+    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[ForwardRandomness]]:
         """Accumulate ∇θt L_meta into the teacher's gradients. Returns metrics, the student's kept forward
-        graphs (fast schedule, when `keep`) and the RNG states of the student's forwards on `parts`."""
+        graphs (fast schedule, when `keep`) and the randomness (dropout masks) of its forwards on `parts`."""
         timer = timer or PhaseTimer()
         if self.meta.u_mode == "unrolled":
             return self._teacher_grad_unrolled(parts, quiz, timer)
@@ -165,7 +160,7 @@ class MetaDistil:
 
     def _teacher_grad_decomposed(
         self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer, keep: bool
-    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[tuple]]:
+    ) -> tuple[dict[str, float], list[torch.Tensor] | None, list[ForwardRandomness]]:
         """One JVP (or finite difference) and one VJP: no second-order graph."""
         fast = self.meta.schedule == "fast"
         n = count_rows(parts, self.student)
@@ -178,13 +173,15 @@ class MetaDistil:
 
         with timer("pilot"):
             g = {k: torch.zeros_like(t) for k, t in theta.items()}
-            rngs, kept, student_logits = [], [], []
+            drawn, kept, student_logits = [], [], []
             loss_total = 0.0
             for part, z_t in zip(parts, teacher_logits):
-                rngs.append(_rng_state())
+                drawn.append(ForwardRandomness())
                 # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
                 # lean: the real step forwards again, so here the buffers are protected.
-                z_s = self.student(part["student"]) if fast and keep else self._student_at(params, part["student"])
+                with drawn[-1].record():
+                    z_s = (self.student(part["student"]) if fast and keep
+                           else self._student_at(params, part["student"]))
                 loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
                 grads = torch.autograd.grad(loss, list(params.values()), retain_graph=fast and keep)
                 for k, gk in zip(g, grads):
@@ -195,6 +192,7 @@ class MetaDistil:
                     kept.append(z_s)
             self.student.all_reduce_sum_(list(g.values()))
             pilot = {k: theta[k] - self.meta.pilot_lr * g[k] for k in theta}
+            del g  # not needed past the pilot: lean's peak phases come later
 
         with timer("quiz"):
             quiz_loss, v = self._quiz_loss_and_grad(pilot, quiz, want_grad=True)
@@ -202,8 +200,8 @@ class MetaDistil:
 
         with timer("tangent"):
             cotangents = []
-            for part, z_t, z_s, rng in zip(parts, teacher_logits, student_logits, rngs):
-                u = self._tangent(theta, v, part["student"], rng)
+            for part, z_t, z_s, randomness in zip(parts, teacher_logits, student_logits, drawn):
+                u = self._tangent(theta, v, part["student"], randomness)
                 cotangents.append(
                     teacher_cotangent(z_t, u, z_s, self.distill, self.meta.pilot_lr, n, self.regression,
                                       part["labels"])
@@ -220,22 +218,23 @@ class MetaDistil:
                 self.teacher.backward(surrogate)
                 teacher_logits[i] = None  # free the graph as soon as it is used
         metrics = {"pilot_loss": self.student.all_reduce_sum(loss_total), "quiz_loss_before": quiz_loss}
-        return metrics, (kept if fast and keep else None), rngs
+        return metrics, (kept if fast and keep else None), drawn
 
     def _teacher_grad_unrolled(
         self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer
-    ) -> tuple[dict[str, float], None, list[tuple]]:
+    ) -> tuple[dict[str, float], None, list[ForwardRandomness]]:
         """The reference: differentiate the quiz loss through the pilot step with create_graph."""
         n = count_rows(parts, self.student)
         n_quiz = count_rows(quiz, self.student)
         params = self.student.trainable()
         teacher_params = list(self.teacher.trainable().values())
         with timer("pilot"):
-            rngs, losses = [], []
+            drawn, losses = [], []
             for part in parts:
                 z_t = self.teacher(part["teacher"])
-                rngs.append(_rng_state())
-                z_s = self._student_at(params, part["student"])
+                drawn.append(ForwardRandomness())
+                with drawn[-1].record():
+                    z_s = self._student_at(params, part["student"])
                 losses.append(
                     student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression, through_teacher=True)
                     / n
@@ -257,13 +256,13 @@ class MetaDistil:
             # Only the teacher's gradients: the student's come from its real step below.
             torch.autograd.backward(meta_loss, inputs=teacher_params)
         metrics = {"pilot_loss": pilot_loss.item(), "quiz_loss_before": meta_loss.item()}
-        return metrics, None, rngs
+        return metrics, None, drawn
 
     def _real_student_step(
-        self, parts: list[Batch], quiz: list[Batch], kept: list[torch.Tensor] | None, rngs: list[tuple] | None
+        self, parts: list[Batch], kept: list[torch.Tensor] | None, drawn: list[ForwardRandomness] | None
     ) -> dict[str, float]:
-        """The student's real step with the updated teacher; also the quiz loss after the teacher update,
-        i.e. at θs − λ·∇θs L_S(θs; θt_new), which needs only the gradient this step computes anyway."""
+        """The student's backward with the updated teacher: through the pilot's kept graphs (fast), or a new
+        forward with the pilot's dropout masks (lean). The optimizer step comes after the diagnostics."""
         n = count_rows(parts, self.student)
         total = 0.0
         for i, part in enumerate(parts):
@@ -271,17 +270,18 @@ class MetaDistil:
                 z_t = self.teacher(part["teacher"])
             if kept is not None:
                 z_s = kept[i]
-            elif rngs is not None:
-                with _replayed_rng(rngs[i]):
-                    z_s = self.student(part["student"])
             else:
-                z_s = self.student(part["student"])
+                with drawn[i].replay() if drawn is not None else contextlib.nullcontext():
+                    z_s = self.student(part["student"])
             loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
             self.student.backward(loss)
             total += loss.item()
+        return {"loss": self.student.all_reduce_sum(total)}
+
+    def _quiz_loss_after(self, quiz: list[Batch]) -> float:
+        """The quiz loss at θs − λ·∇θs L_S(θs; θt_new): where the pilot would have landed with the updated
+        teacher. Reads the gradient the real step has just accumulated."""
         params = self.student.trainable()
         with torch.no_grad():
             pilot = {k: p.detach() - self.meta.pilot_lr * self.student.full_grad(k, p) for k, p in params.items()}
-        quiz_after, _ = self._quiz_loss_and_grad(pilot, quiz, want_grad=False)
-        grad_norm = self.student.step()
-        return {"loss": self.student.all_reduce_sum(total), "grad_norm": grad_norm, "quiz_loss_after": quiz_after}
+        return self._quiz_loss_and_grad(pilot, quiz, want_grad=False)[0]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from metadistil_scale.backends import check_distributed, dist, make_model
 from metadistil_scale.backends.checkpointing import StageCheckpoint
+from metadistil_scale.backends.torch_backend import retain_freed_host_memory
 from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_write_text, seed_everything
 from metadistil_scale.config import IMAGE_TASKS, Config, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
@@ -260,7 +261,8 @@ def run_stage(
                 update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
                 quiz = to_device(quiz_stream(step), device) if update else []
                 pilot = to_device(pilot_stream(step), device) if (update and pilot_stream is not None) else None
-                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot)
+                logged = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == steps
+                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot, diagnostics=logged)
                 record["teacher_updated"] = float(update)
             state["step"] = step + 1
             record.update(step=state["step"], lr=student_model.lr)
@@ -363,6 +365,8 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device: cuda was asked for but no CUDA device is available")
     if cfg.device == "cpu" or not torch.cuda.is_available():
+        if cfg.cpu_allocator == "retain":
+            retain_freed_host_memory()
         return torch.device("cpu")
     return torch.device("cuda", dist.local_rank())  # one GPU per rank
 

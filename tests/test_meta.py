@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from metadistil_scale.backends.torch_backend import TorchModel, logits_of
 from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
 from metadistil_scale.meta import MetaDistil
+from metadistil_scale.replay import ForwardRandomness
 from metadistil_scale.steps import kd_step
 
 NUM_LABELS = 3
@@ -139,6 +140,32 @@ def test_teacher_meta_gradient_equals_unrolled(kind, soft, alpha, u_mode, tol):
     assert rel_error(got, want) <= tol
     # The meta passes leave the student untouched: no gradients, no moved BatchNorm statistics.
     assert all(p.grad is None for p in student.parameters())
+
+
+@pytest.mark.parametrize("u_mode,tol", [("jvp", 1e-8), ("finite-difference", 1e-5)])
+def test_meta_gradient_with_dropout_equals_unrolled(u_mode, tol):
+    """With dropout on, u must be the JVP of the very function the pilot differentiated: the tangent
+    forwards get the pilot's masks. The reference draws its masks from the same seed in the same order."""
+    teacher, student, batch_fn = make_pair("bert", dropout=0.3)
+    batch, quiz = batch_fn(6, seed=1), batch_fn(5, seed=2)
+    torch.manual_seed(11)
+    want = reference_teacher_grad(teacher, student, batch, quiz, soft="kl", alpha=0.5, temperature=2.0,
+                                  pilot_lr=0.5)
+    torch.manual_seed(11)
+    make_step(teacher, student, u_mode=u_mode).accumulate_teacher_grad([batch], [quiz])
+    got = teacher_grads(teacher, want)
+    want = [w if w is not None else torch.zeros_like(g) for w, g in zip(want, got)]
+    assert rel_error(got, want) <= tol
+    # Without the masks (fresh dropout in the tangent forwards) the gradient is far off: the check can fail.
+    teacher.zero_grad()
+    torch.manual_seed(99)
+    fresh = ForwardRandomness()
+    fresh.mask_replay = False  # replays another seed's RNG: other masks
+    torch.manual_seed(11)
+    step = make_step(teacher, student, u_mode=u_mode)
+    step._tangent = lambda theta, v, inputs, drawn: MetaDistil._tangent(step, theta, v, inputs, fresh)
+    step.accumulate_teacher_grad([batch], [quiz])
+    assert rel_error(teacher_grads(teacher, want), want) > 1e-3
 
 
 def test_teacher_ce_weight_adds_the_teachers_own_loss():

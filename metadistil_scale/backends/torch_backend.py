@@ -7,6 +7,7 @@ DeepSpeed backend can stand in for it without the step being written twice.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ from torch import nn
 
 from metadistil_scale.backends import dist
 from metadistil_scale.config import OptimConfig
+
+
+def retain_freed_host_memory() -> bool:
+    """Keep freed host memory in the process's heap (glibc). By default glibc maps each large tensor afresh and
+    hands freed space back to the OS, so every pass of a step page-faults its activations in again; a MetaDistil
+    step on CPU, with its many passes, lost ~8% to that (KD ~0%). The peak resident size is unchanged: memory
+    is reused, not added. Returns False where glibc's mallopt is not available."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(libc.mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 32 * 2**20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20)))
 
 
 def logits_of(output: Any) -> torch.Tensor:

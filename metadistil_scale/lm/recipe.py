@@ -26,6 +26,7 @@ from torch import nn
 from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.checkpoint import atomic_write_text, seed_everything
 from metadistil_scale.config import (
+    CPU_ALLOCATORS,
     METHODS,
     DistillConfig,
     MetaConfig,
@@ -90,6 +91,7 @@ class LMConfig:
     methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "metadistil"])
     seed: int = 0
     device: str = "auto"
+    cpu_allocator: str = "retain"  # as in the classification config
     dtype: str = "float32"
     eval_batch_size: int = 8
     log_every: int = 1
@@ -114,6 +116,7 @@ def validate_lm(c: LMConfig) -> None:
     for i, m in enumerate(c.methods):
         _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
     _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    _require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
     _require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
     _require(c.eval_batch_size >= 1, "eval_batch_size", ">= 1", c.eval_batch_size)
     d = c.data
@@ -236,7 +239,8 @@ def train_method(
                 update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
                 quiz = to_device(quiz_stream(step), device) if update else []
                 pilot = to_device(pilot_stream(step), device) if update and pilot_stream else None
-                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot)
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == steps
+                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot, diagnostics=logged)
             record.update(step=step + 1, step_time_s=time.perf_counter() - t0)
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 log.write(json.dumps(record) + "\n")
