@@ -33,6 +33,7 @@ def test_yaml_and_overrides(tmp_path):
         ("student_train.batch_size=sixteen", "student_train.batch_size: expected int, got 'sixteen'"),
         ("distill.alpha=1.5", "distill.alpha: expected in [0, 1], got 1.5"),
         ("meta.u_mode=hessian", "meta.u_mode: expected one of"),
+        ("cpu_allocator=jemalloc", "cpu_allocator: expected one of ('retain', 'system'), got 'jemalloc'"),
         ("methods=[kd, distil]", "methods[1]: expected one of"),
         ("student_train.micro_batch_size=5", "student_train.micro_batch_size: expected a divisor of batch_size=32"),
         ("data.data_files={train: /nonexistent/train.csv}", "data.data_files.train: file not found: /nonexistent/train.csv"),

@@ -218,6 +218,20 @@ def test_whole_step_equals_handwritten_unrolled_step(kind, u_mode, schedule):
     assert metrics["quiz_loss_before"] > 0 and metrics["quiz_loss_after"] > 0
 
 
+def test_diagnostics_do_not_change_training():
+    """The quiz-after diagnostic (computed on logged steps only) reads the step; it must not alter it."""
+    runs = []
+    for diagnostics in (True, False):
+        teacher, student, batch_fn = make_pair("bert", dropout=0.2)
+        torch.manual_seed(3)
+        metrics = make_step(teacher, student).step([batch_fn(6, seed=1)], [batch_fn(5, seed=2)],
+                                                   diagnostics=diagnostics)
+        assert ("quiz_loss_after" in metrics) == diagnostics
+        runs.append([p.detach().clone() for p in [*teacher.parameters(), *student.parameters()]])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_fast_and_lean_agree_with_dropout():
     """Dropout masks are replayed: the pilot, the JVP and the real step see the same masks."""
     runs = {}
