@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from metadistil_scale.backends import check_distributed, dist
 from metadistil_scale.checkpoint import atomic_write_text, seed_everything
 from metadistil_scale.config import Config, save_config
 from metadistil_scale.metrics import primary_metric
@@ -68,9 +69,13 @@ def run_record(result: StageResult, seed: int, metric: str, folder: Path, teache
 
 def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     """Run methods × seeds, then write the records, the summary tables and the plots. Returns the summary."""
+    # Under the deepspeed launcher or torchrun every rank runs every stage; rank 0 alone writes and reports.
+    check_distributed(cfg, dist.world_size())
+    main = dist.is_main()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
     task = load_task(cfg)  # the splits depend on data.split_seed only: one task serves every seed
     metric = primary_metric(task.info.metric)
@@ -97,14 +102,17 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 teacher, student = build_models(run_cfg, task.info, str(teacher_dir), device)
                 result = run_stage(method, method, run_cfg, task, folder, student,
                                    None if method == "finetune" else teacher, resume=resume)
-            else:
+            elif main:
                 tqdm.write(f"[seed {seed}] reusing the finished {method} run in {folder}")
+            if not main:
+                continue
             records.append(run_record(result, seed, metric, folder,
                                       None if method == "finetune" else teacher_metric))
             tqdm.write(f"[seed {seed}] {method}: test {metric} {records[-1]['metric']:.4f} "
                        f"({result.wall_time_s:.0f} s)")
 
-    return write_report(records, out, task=task.info.name, metric=metric)
+    summary = write_report(records, out, task=task.info.name, metric=metric) if main else None
+    return dist.broadcast_object(summary)
 
 
 def write_report(records: list[dict], out: Path, *, task: str, metric: str) -> dict[str, Any]:

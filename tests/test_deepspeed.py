@@ -230,6 +230,28 @@ def test_cli_under_deepspeed_launcher_then_resumed_under_torchrun(own_tmp):
             assert got[key] == pytest.approx(want[key], rel=TOL), key
 
 
+@pytest.mark.slow
+def test_experiment_under_torchrun_reports_once_and_matches_one_process(own_tmp):
+    """`experiment` on 2 ranks: every rank trains, rank 0 alone writes and prints the report."""
+    from metadistil_scale import cli
+
+    recipe = _recipe(own_tmp)
+    entry = ["experiment", "--config", str(recipe), "--set", "methods=[kd, metadistil]", "--set", "seeds=[0, 1]"]
+    cmd = _torchrun("-m", "metadistil_scale.launch.deepspeed_train", *entry, "--output-dir", str(own_tmp / "two"))
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("summary: ") == 1
+
+    assert cli.main([*entry, "--output-dir", str(own_tmp / "one")]) == 0
+    two, one = (json.loads((own_tmp / run / "runs.json").read_text()) for run in ("two", "one"))
+    assert [(r["method"], r["seed"]) for r in two] == [(r["method"], r["seed"]) for r in one]
+    assert len(two) == 6  # (teacher, kd, metadistil) x 2 seeds
+    for got, want in zip(two, one):
+        assert got["metric"] == pytest.approx(want["metric"], abs=1e-9)
+        assert [v for _, v in got.get("curve", [])] == pytest.approx([v for _, v in want.get("curve", [])],
+                                                                     rel=TOL)
+
+
 # ---------------------------------------------------------------- configs and bad input (no launch)
 
 
