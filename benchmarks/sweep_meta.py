@@ -3,8 +3,8 @@
     python benchmarks/sweep_meta.py --config configs/text.yaml \
         --vary meta.teacher_optim.lr=1e-6,1e-4 --vary meta.teacher_ce_weight=0 --vary meta.interval=4
 
-The base point trains (or reuses) the recipe's fine-tuned teacher and runs `kd` and `metadistil` with the
-recipe's settings; every other point changes one key and runs `metadistil` from that same teacher. Each point
+The base point trains (or reuses, or takes from --set model.teacher_checkpoint=...) the recipe's fine-tuned
+teacher and runs `kd` and `metadistil` with the recipe's settings; every other point changes one key and runs `metadistil` from that same teacher. Each point
 reports the student's test metric, the teacher's test metric after the run, and the wall time per step
 (evaluations included). Writes <output-dir>/sweep.json and sweep.md, and prints the table.
 """
@@ -56,13 +56,14 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from None
 
     rows = []
-    base_dir = Path(configs[0][1].output_dir)
+    # Every point distils from the base point's teacher: the recipe's given one, or the one the base fine-tunes.
+    teacher = configs[0][1].model.teacher_checkpoint or str(Path(configs[0][1].output_dir) / "teacher" / "best")
     for i, (name, cfg) in enumerate(configs):
         if i == 0:
             cfg.methods = ["kd", "metadistil"]
         else:
             cfg.methods = ["metadistil"]
-            cfg.model.teacher_checkpoint = str(base_dir / "teacher" / "best")
+            cfg.model.teacher_checkpoint = teacher
         print(f"\n=== {name}: {' '.join(cfg.methods)} -> {cfg.output_dir}", file=sys.stderr, flush=True)
         results = train(cfg)
         metric = results["metric"]
