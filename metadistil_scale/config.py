@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -189,15 +190,36 @@ def _hint_name(hint: Any) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """`raw` merged into `base` (default: the class's defaults), key by key at every depth.
+
+    A section that a recipe or an override names keeps every field it does not name from the recipe below it:
+    `--set student_train.max_steps=500` leaves the default student lr of 2e-4 as it is, rather than rebuilding
+    the section from StageConfig's class defaults.
+    """
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"unknown config key '{where}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    return cls(**kwargs)
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[key] = _build(type(current), value, where, base=current)
+        else:
+            kwargs[key] = _check_type(value, hints[key], where)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _merge(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree[key] = value, merging mappings into the mapping already there instead of replacing it."""
+    if isinstance(value, dict) and isinstance(tree.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge(tree[key], sub_key, sub_value)
+    else:
+        tree[key] = value
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -207,7 +229,18 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
+    _merge(node, parts[-1], value)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads '1e-5' (no dot) as a string; in a recipe or on the command line it is the float a user means."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -215,13 +248,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. student_train.batch_size=16")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML reads '1e-5' as a string; accept it as the float a user means.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    try:
+        value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({err.problem})") from err
     return key.strip(), value
 
 
@@ -233,7 +263,7 @@ def read_raw_config(path: str | Path | None, overrides: list[str] | None) -> dic
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(raw, dict):

@@ -67,3 +67,53 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert main(["train", "--set", "distill.temperature=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: distill.temperature") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "override,changed,kept",
+    [
+        # The README's own example: the student's lr (2e-4 in the package default) must survive.
+        ("student_train.max_steps=500", {"student_train.max_steps": 500},
+         {"student_train.optim.lr": 2e-4, "student_train.batch_size": 32}),
+        ("teacher_finetune.batch_size=16", {"teacher_finetune.batch_size": 16},
+         {"teacher_finetune.max_steps": 150, "teacher_finetune.optim.lr": 1e-4}),
+        ("meta.teacher_optim.lr=2e-5", {"meta.teacher_optim.lr": 2e-5},
+         {"meta.teacher_optim.weight_decay": 0.0, "meta.pilot_lr": 5e-5}),
+        # A mapping value merges into the section too, it does not replace it.
+        ("student_train.optim={lr: 3e-4}", {"student_train.optim.lr": 3e-4},
+         {"student_train.max_steps": 100, "student_train.optim.weight_decay": 0.01}),
+    ],
+)
+def test_override_merges_into_the_recipe_below_it(override, changed, kept):
+    def get(cfg, dotted):
+        for part in dotted.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    cfg = load_config(None, [override])
+    for key, value in {**changed, **kept}.items():
+        assert get(cfg, key) == value, key
+
+
+def test_recipe_sections_merge_into_the_package_defaults(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"student_train": {"batch_size": 16}, "meta": {"teacher_optim": {"lr": 2e-5}}}))
+    cfg = load_config(path, ["student_train.optim.lr=1e-4"])
+    assert cfg.student_train.batch_size == 16 and cfg.student_train.max_steps == 100
+    assert cfg.student_train.optim.lr == 1e-4 and cfg.student_train.optim.warmup_ratio == 0.1
+    assert cfg.meta.teacher_optim.lr == 2e-5 and cfg.meta.teacher_optim.weight_decay == 0.0
+
+
+def test_lm_override_merges_into_its_own_defaults():
+    from metadistil_scale.lm.recipe import load_lm_config
+
+    cfg = load_lm_config(None, ["student_train.max_steps=7", "meta.teacher_optim.lr=2e-5"])
+    assert cfg.student_train.batch_size == 4 and cfg.student_train.optim.warmup_ratio == 0.0
+    assert cfg.meta.pilot_lr == 1e-4 and cfg.meta.teacher_optim.warmup_ratio == 0.0
+
+
+def test_exponent_without_a_dot_is_a_float_in_recipes_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("meta:\n  pilot_lr: 1e-4\n")
+    assert load_config(path).meta.pilot_lr == 1e-4
+    assert load_config(None, ["meta.teacher_optim={lr: 3e-6}"]).meta.teacher_optim.lr == 3e-6
