@@ -1,0 +1,106 @@
+"""The pre-registered powered comparison: KD vs MetaDistil, paired over seeds, until the interval is narrow.
+
+    python benchmarks/powered.py                          # benchmarks/results/text_powered/config.yaml
+    python benchmarks/powered.py --max-pairs 1            # the first pair only (to check the budget)
+
+Sequential design (fixed before the first run): at least --min-pairs pairs, then one more pair at a time until the
+95% t-interval of the paired difference (MetaDistil - KD, test accuracy points) has half-width <= --half-width,
+or --max-pairs pairs. The teacher is fine-tuned once (<output_dir>/teacher/) and given to every run.
+
+Resumable at any point: finished runs are reused and a run in progress resumes from its last checkpoint. Every
+seed records the commit it ran on (seed_<s>/commit.json); both arms of a seed run on one commit, so a seed left
+half-done by an older commit is set aside (seed_<s>.stale-<commit>) and run again whole. After each pair the small
+outputs (runs, summary, curves) are copied to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from metadistil_scale.checkpoint import atomic_write_text
+from metadistil_scale.config import ConfigError, load_config
+from metadistil_scale.experiment import run_experiment
+from metadistil_scale.trainer import fine_tune_teacher, load_task, resolve_device
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_OUTPUTS = ("config.yaml", "runs.json", "runs.csv", "summary.json", "summary.csv", "summary.md",
+                 "dev_curves.png", "teacher_dev_curves.png")
+
+
+def current_commit() -> dict[str, object]:
+    """The commit the code came from, and whether the tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def seed_is_done(seed_dir: Path, methods: list[str]) -> bool:
+    return all((seed_dir / m / "done.json").is_file() for m in methods)
+
+
+def pin_seed_to_commit(seed_dir: Path, methods: list[str], commit: dict[str, object]) -> None:
+    """Record the commit a seed runs on; a half-done seed from another commit is set aside and rerun."""
+    record = seed_dir / "commit.json"
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+        if recorded["commit"] == commit["commit"] or seed_is_done(seed_dir, methods):
+            return
+        stale = seed_dir.with_name(f"{seed_dir.name}.stale-{str(recorded['commit'])[:10]}")
+        print(f"{seed_dir.name}: half-done on {recorded['commit'][:10]}, now {commit['commit'][:10]}: "
+              f"set aside as {stale.name}, both arms rerun", file=sys.stderr)
+        seed_dir.rename(stale)
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(commit) + "\n", record)
+
+
+def half_width(summary: dict) -> float | None:
+    paired = summary.get("paired") or {}
+    ci = paired.get("ci95")
+    return None if ci is None else 100 * (ci[1] - ci[0]) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "benchmarks/results/text_powered/config.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--results", default=str(REPO / "benchmarks/results/text_powered"))
+    parser.add_argument("--min-pairs", type=int, default=8)
+    parser.add_argument("--max-pairs", type=int, default=16)
+    parser.add_argument("--half-width", type=float, default=1.0, help="target half-width, accuracy points")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    out, results = Path(cfg.output_dir), Path(args.results)
+    commit = current_commit()
+
+    teacher_dir, _ = fine_tune_teacher(cfg, load_task(cfg), out, resolve_device(cfg), True, None)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint=str(teacher_dir)))
+    for pairs in range(1, args.max_pairs + 1):
+        pin_seed_to_commit(out / f"seed_{pairs - 1}", cfg.methods, commit)
+        summary = run_experiment(dataclasses.replace(cfg, seeds=list(range(pairs))), resume=True)
+        results.mkdir(parents=True, exist_ok=True)
+        for name in SMALL_OUTPUTS:
+            if (out / name).is_file():
+                shutil.copy2(out / name, results / name)
+        commits = {s.name: json.loads((s / "commit.json").read_text()) for s in sorted(out.glob("seed_*"))
+                   if (s / "commit.json").is_file()}
+        atomic_write_text(json.dumps(commits, indent=2) + "\n", results / "commits.json")
+        width = half_width(summary)
+        print(f"after {pairs} pairs: half-width {width if width is None else round(width, 2)} points",
+              file=sys.stderr, flush=True)
+        if pairs >= args.min_pairs and width is not None and width <= args.half_width:
+            break
+
+
+if __name__ == "__main__":
+    main()
