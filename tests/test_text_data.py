@@ -119,8 +119,10 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 def write(path: Path, rows: list[dict[str, Any]]) -> str:
     """Write rows in the format the extension names; csv/tsv through pandas, like a user would."""
     suffix = path.suffix
-    if suffix in (".csv", ".tsv"):
-        pd.DataFrame(rows).to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
+    if suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif suffix == ".tsv":  # as GLUE writes them: tab-separated, no quoting
+        path.write_text(tsv_text(rows))
     elif suffix == ".jsonl":
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     elif suffix == ".json":
@@ -130,6 +132,11 @@ def write(path: Path, rows: list[dict[str, Any]]) -> str:
     else:
         path.write_text("whatever\n")
     return str(path)
+
+
+def tsv_text(rows: list[dict[str, Any]]) -> str:
+    header = list(rows[0]) if rows else ["sentence", "label"]
+    return "".join("\t".join(map(str, line)) + "\n" for line in [header, *(r.values() for r in rows)])
 
 
 def sst2_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
@@ -400,3 +407,24 @@ def test_collates_a_dataloader_over_a_loaded_split(tokenizer: Any, tmp_path: Pat
     batch = next(iter(loader))
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (4,)
     assert (batch["student"]["token_type_ids"] == 1).any()
+
+
+def test_tsv_quotes_are_text_as_in_glue(tmp_path: Path) -> None:
+    # SST-2/GLUE tsv files hold stray quotes; with csv quoting on, 200 lines loaded as 190 rows.
+    rows = [{"sentence": f'review {i} says "great' if i % 20 == 3 else f'"quoted" review {i}', "label": i % 2}
+            for i in range(200)]
+    train = tmp_path / "train.tsv"
+    train.write_text(tsv_text(rows))
+    validation = write(tmp_path / "dev.tsv", sst2_rows(20))
+    splits, _ = load_text_task("sst2", data_files={"train": str(train), "validation": validation})
+    loaded = sorted(texts(splits["train"]) + texts(splits["quiz"]) + texts(splits["dev"]))
+    assert len(loaded) == 200
+    assert sorted(r["sentence"] for r in rows) == loaded
+
+
+def test_tsv_row_with_the_wrong_field_count_names_its_line(tmp_path: Path) -> None:
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\t1\nbad\tfilm\t0\n")
+    validation = write(tmp_path / "dev.tsv", sst2_rows(4))
+    with pytest.raises(DataError, match=r"train.tsv line 3: expected 2 tab-separated fields \(as in the header\), got 3"):
+        load_text_task("sst2", data_files={"train": str(train), "validation": validation})

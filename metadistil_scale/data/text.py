@@ -13,6 +13,7 @@ tests the mapping the hub path uses.
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
 import json
@@ -292,9 +293,11 @@ def _read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        if suffix in (".csv", ".tsv"):
+        if suffix == ".tsv":
+            return _read_tsv(path)
+        if suffix == ".csv":
             # Strings throughout, and no NA guessing: "NA" or "null" is a sentence, not a missing value.
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
         if suffix == ".parquet":
             return pd.read_parquet(path)
         return pd.DataFrame.from_records(_read_json_records(path))
@@ -302,6 +305,26 @@ def _read_table(path: str | Path) -> pd.DataFrame:
         raise
     except Exception as exc:
         raise DataError(f"{path}: cannot read as {suffix[1:]} ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """A tsv as GLUE writes it: one row per line, fields split on tabs, quotes are part of the text.
+
+    Reading GLUE's files with csv quoting on merges every line between two stray quotes into one field (200 lines
+    of SST-2 became 190 rows), so quoting is off and every line must have the header's number of fields.
+    """
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    while rows and not any(rows[-1]):  # trailing blank lines
+        rows.pop()
+    if not rows:
+        raise DataError(f"{path}: empty file (expected a header line)")
+    header = rows[0]
+    for line_number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line_number}: expected {len(header)} tab-separated fields "
+                            f"(as in the header), got {len(row)}")
+    return pd.DataFrame(rows[1:], columns=header, dtype=str)
 
 
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
