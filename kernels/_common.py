@@ -57,7 +57,12 @@ def check_logits(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def check_labels(labels: torch.Tensor | None, logits: torch.Tensor) -> None:
+def check_labels(labels: torch.Tensor | None, logits: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and values: every label is ``ignore_index`` or a class in [0, V).
+
+    The value check costs one host sync on CUDA. It runs before any kernel: an out-of-range label would
+    otherwise index the row's neighbour (Triton) or fail deep inside a worker (torch).
+    """
     if labels is None:
         return
     if labels.shape != logits.shape[:-1]:
@@ -67,6 +72,19 @@ def check_labels(labels: torch.Tensor | None, logits: torch.Tensor) -> None:
         )
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    n_classes = logits.shape[-1]
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
+    if flat.numel() and bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        where = f"row {row}"
+        if labels.dim() > 1:
+            index = ", ".join(str(int(i)) for i in torch.unravel_index(torch.tensor(row), labels.shape))
+            where += f" (labels[{index}])"
+        raise ValueError(
+            f"label {int(flat[row])} at {where} is outside [0, V) for V = {n_classes} classes and is not "
+            f"ignore_index ({ignore_index})"
+        )
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -5,7 +5,10 @@
 
 The teacher then runs one ordinary backward with cotangent w. w is a constant (computed without
 autograd). Rows excluded from the loss (ignore_index) must have u zeroed by the caller: u = 0
-gives w = 0 for that row.
+gives w = 0 for that row; no labels reach this kernel, so there is nothing to range-check.
+
+Both backends accumulate in fp32, or fp64 for fp64 inputs (the Triton kernel takes the compute dtype
+as a constexpr), and handle rows of any finite magnitude, e.g. filled with finfo.min.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import triton
 import triton.language as tl
 
 from ._common import compute_dtype, map_row_chunks, resolve_backend, rows_per_chunk
-from .fused_kd_loss import _rowdot, _scaled, get_num_warps
+from .fused_kd_loss import _rowdot, _scaled, _shift_of, launch_config, scalar_args
 from .reference import _check_meta_args
 
-# Largest class block one program holds in registers; wider vocabularies loop over blocks.
-MAX_FUSED_SIZE = 16384
+# Largest class block one program holds in registers (fp32; half for fp64): see fused_kd_loss.
+MAX_FUSED_SIZE = 8192
 
 _KINDS = {"kl": 0, "mse": 1}
 
@@ -34,10 +37,10 @@ def _meta_cotangent_kernel(
     zs_stride,
     w_ptr,
     w_stride,
+    args_ptr,
     n_cols,
-    inv_temperature,
-    scale,
     KIND: tl.constexpr,
+    CT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,34 +48,41 @@ def _meta_cotangent_kernel(
     u_ptr += row * u_stride
     zs_ptr += row * zs_stride
     w_ptr += row * w_stride
+    inv_temperature = tl.load(args_ptr)
+    scale = tl.load(args_ptr + 1)
 
     # Pass 1: online softmax normalisers with the running sums sum_v e_v * u_v (e = unnormalised
-    # probability), rescaled whenever the running max moves. Finite floor: see _kd_loss_kernel.
-    m_t = -1.0e30
-    d_t = 0.0
-    pu = 0.0
-    m_q = -1.0e30
-    d_q = 0.0
-    qu = 0.0
+    # probability), rescaled whenever the running max moves. Maxima start at -inf, exponentials are
+    # taken against _shift_of(max): see _kd_loss_kernel.
+    m_t = tl.full([], float("-inf"), CT)
+    d_t = tl.zeros([], CT)
+    pu = tl.zeros([], CT)
+    m_q = tl.full([], float("-inf"), CT)
+    d_q = tl.zeros([], CT)
+    qu = tl.zeros([], CT)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_cols
-        a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
         new_m_t = tl.maximum(m_t, tl.max(a, 0))
-        rescale_t = tl.exp(m_t - new_m_t)
-        e_t = tl.exp(a - new_m_t)
+        c_t = _shift_of(new_m_t)
+        rescale_t = tl.exp(m_t - c_t)
+        e_t = tl.exp(a - c_t)
         d_t = d_t * rescale_t + tl.sum(e_t, 0)
         pu = pu * rescale_t + tl.sum(e_t * u, 0)
         m_t = new_m_t
         if KIND == 1:
-            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
             new_m_q = tl.maximum(m_q, tl.max(b, 0))
-            rescale_q = tl.exp(m_q - new_m_q)
-            e_q = tl.exp(b - new_m_q)
+            c_q = _shift_of(new_m_q)
+            rescale_q = tl.exp(m_q - c_q)
+            e_q = tl.exp(b - c_q)
             d_q = d_q * rescale_q + tl.sum(e_q, 0)
             qu = qu * rescale_q + tl.sum(e_q * u, 0)
             m_q = new_m_q
+    c_t = _shift_of(m_t)
+    c_q = _shift_of(m_q)
     log_d_t = tl.log(d_t)
     log_d_q = tl.log(d_q)
     pu = pu / d_t
@@ -80,27 +90,27 @@ def _meta_cotangent_kernel(
 
     # mse: <p, r> with r = q*(u - <q,u>) in its own pass, so a common offset in u cancels exactly
     # instead of leaving the difference of two large sums.
-    pr = 0.0
+    pr = tl.zeros([], CT)
     if KIND == 1:
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
-            a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            pr += tl.sum(tl.exp((a - m_t) - log_d_t) * tl.exp((b - m_q) - log_d_q) * (u - qu), 0)
+            a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
+            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+            pr += tl.sum(tl.exp((a - c_t) - log_d_t) * tl.exp((b - c_q) - log_d_q) * (u - qu), 0)
 
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_cols
-        a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp((a - m_t) - log_d_t)
+        a = tl.load(zt_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        p = tl.exp((a - c_t) - log_d_t)
         if KIND == 0:
             w = scale * p * (u - pu)
         else:
-            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            r = tl.exp((b - m_q) - log_d_q) * (u - qu)
+            b = tl.load(zs_ptr + offs, mask=mask, other=float("-inf")).to(CT) * inv_temperature
+            r = tl.exp((b - c_q) - log_d_q) * (u - qu)
             w = scale * p * (r - pr)
         tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -119,7 +129,7 @@ def meta_cotangent_triton(
     zs = student_logits.contiguous() if student_logits is not None else zt
     n_rows, n_cols = zt.shape
     w = torch.empty_like(zt)
-    block = min(MAX_FUSED_SIZE, triton.next_power_of_2(n_cols))
+    block, num_warps, ct = launch_config(n_cols, zt.dtype, MAX_FUSED_SIZE)
     if n_rows > 0:
         _meta_cotangent_kernel[(n_rows,)](
             zt,
@@ -130,12 +140,12 @@ def meta_cotangent_triton(
             zs.stride(0),
             w,
             w.stride(0),
+            scalar_args(zt.device, zt.dtype, 1.0 / temperature, scale),
             n_cols,
-            1.0 / temperature,
-            float(scale),
             KIND=_KINDS[soft_loss],
+            CT=ct,
             BLOCK=block,
-            num_warps=get_num_warps(block),
+            num_warps=num_warps,
         )
     return w
 

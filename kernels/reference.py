@@ -35,12 +35,15 @@ def kd_loss_reference(
     """alpha*CE(z_s, y) + (1-alpha)*soft per row, with soft = T^2*KL(p||q) ("kl") or sum_v (q-p)^2 ("mse").
 
     p = softmax(z_t/T), q = softmax(z_s/T). Rows labelled ``ignore_index`` contribute 0; "mean"
-    divides by the number of valid rows (0 when there is none). Computed in the inputs' dtype.
+    divides by the number of valid rows (0 when there is none). A term whose weight is 0 (the soft term at
+    alpha = 1, the CE at alpha = 0) is left out, not multiplied by 0: it may be infinite where a class is
+    masked (-inf) in one model only. Labels outside [0, V) that are not ``ignore_index`` raise ValueError.
+    Computed in the inputs' dtype.
     """
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_labels(labels, student_logits)
+    check_labels(labels, student_logits, ignore_index)
     check_soft_loss(soft_loss)
     check_reduction(reduction)
     check_temperature(temperature)
@@ -50,29 +53,20 @@ def kd_loss_reference(
     n_cols = student_logits.shape[-1]
     zs = student_logits.reshape(-1, n_cols)
     zt = teacher_logits.reshape(-1, n_cols)
-    log_q = F.log_softmax(zs / temperature, dim=-1)
-    log_p = F.log_softmax(zt / temperature, dim=-1)
-
-    if soft_loss == "kl":
-        # Masked (-inf) classes have p = 0 and contribute 0; substitute 0 before kl_div so that
-        # neither the value nor any derivative sees -inf - -inf.
-        keep = log_p > float("-inf")
-        zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-        kl = F.kl_div(
-            torch.where(keep, log_q, zero), torch.where(keep, log_p, zero), reduction="none", log_target=True
-        )
-        soft = temperature**2 * kl.sum(dim=-1)
-    else:
-        soft = F.mse_loss(log_q.exp(), log_p.exp(), reduction="none").sum(dim=-1)
+    # 0 per row, yet connected to z_s (a zero gradient rather than none) whatever z_s holds.
+    first = zs[:, 0]
+    per_row = first.where(torch.zeros_like(first, dtype=torch.bool), 0.0)
+    if alpha < 1.0:
+        per_row = per_row + (1.0 - alpha) * _soft_per_row(zs, zt, temperature, soft_loss)
 
     if labels is None:
-        per_row = (1.0 - alpha) * soft
         n_valid = per_row.new_tensor(float(per_row.shape[0]))
     else:
         y = labels.reshape(-1).long()
         valid = y != ignore_index
-        ce = F.cross_entropy(zs, y, ignore_index=ignore_index, reduction="none")
-        per_row = torch.where(valid, alpha * ce + (1.0 - alpha) * soft, torch.zeros_like(soft))
+        if alpha > 0.0:
+            per_row = per_row + alpha * F.cross_entropy(zs, y, ignore_index=ignore_index, reduction="none")
+        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
         n_valid = valid.sum().to(per_row.dtype)
 
     if reduction == "none":
@@ -80,6 +74,19 @@ def kd_loss_reference(
     if reduction == "sum":
         return per_row.sum()
     return per_row.sum() / n_valid.clamp(min=1.0)
+
+
+def _soft_per_row(zs: torch.Tensor, zt: torch.Tensor, temperature: float, soft_loss: str) -> torch.Tensor:
+    log_q = F.log_softmax(zs / temperature, dim=-1)
+    log_p = F.log_softmax(zt / temperature, dim=-1)
+    if soft_loss == "mse":
+        return F.mse_loss(log_q.exp(), log_p.exp(), reduction="none").sum(dim=-1)
+    # Masked (-inf) classes have p = 0 and contribute 0; substitute 0 before kl_div so that neither the
+    # value nor any derivative sees -inf - -inf.
+    keep = log_p > float("-inf")
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    kl = F.kl_div(torch.where(keep, log_q, zero), torch.where(keep, log_p, zero), reduction="none", log_target=True)
+    return temperature**2 * kl.sum(dim=-1)
 
 
 def meta_cotangent_reference(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import metadistil_scale.kernels as K
 import pytest
 import torch
+import torch.nn.functional as F
+import triton.language as tl
 from metadistil_scale.kernels import (
     KDLoss,
     kd_loss,
@@ -515,6 +517,191 @@ def test_cpu_chunk_pool_leaves_thread_settings_alone(monkeypatch):
 def test_cpu_chunk_errors_propagate(monkeypatch):
     monkeypatch.setattr(common, "TORCH_CHUNK_ELEMENTS", 2 * 50)
     zs, zt, y = make_inputs(9, 50)
-    y[7] = 50  # out of range: gather fails inside a worker
-    with pytest.raises(RuntimeError):
-        kd_loss(zs, zt, y, backend="torch")
+    y[7] = 50  # out of range and, past kd_loss's check, unchecked: gather fails inside a worker
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        kd_module.kd_loss_forward_torch(zs, zt, y, 1.0, 0.5, "kl", IGNORE, "mean", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# labels, running-max floor, zero-weight terms, grad_output rounding, fp64 Triton: each against
+# plain float64 torch written out here, independent of kd_loss_reference
+# ---------------------------------------------------------------------------------------------
+
+BACKENDS = ["torch", "triton"]
+
+
+def plain_f64_rows(zs, zt, y, *, temperature, alpha, soft_loss="kl"):
+    """Per-row alpha*CE + (1-alpha)*soft in float64 from torch.nn.functional; a zero-weight term is absent."""
+    zs, zt = zs.double(), zt.double()
+    rows = torch.zeros(zs.shape[0], dtype=torch.float64)
+    if alpha < 1:
+        log_q = F.log_softmax(zs / temperature, dim=-1)
+        log_p = F.log_softmax(zt / temperature, dim=-1)
+        if soft_loss == "kl":
+            live = log_p > float("-inf")  # p = 0 classes add 0 (and no -inf - -inf)
+            kl = F.kl_div(log_q.where(live, 0.0), log_p.where(live, 0.0), reduction="none", log_target=True)
+            soft = temperature**2 * kl.sum(-1)
+        else:
+            soft = (log_q.exp() - log_p.exp()).pow(2).sum(-1)
+        rows = rows + (1 - alpha) * soft
+    if y is not None:
+        if alpha > 0:
+            rows = rows + alpha * F.cross_entropy(zs, y, ignore_index=IGNORE, reduction="none")
+        rows = rows.where(y != IGNORE, 0.0)
+    return rows
+
+
+def plain_f64_loss_and_grad(zs, zt, y, weights, **kw):
+    x = zs.double().requires_grad_(True)
+    rows = plain_f64_rows(x, zt, y, **kw)
+    (rows * weights).sum().backward()
+    return rows.detach(), x.grad
+
+
+def plain_f64_cotangent(zt, u, *, temperature, scale):
+    p = torch.softmax(zt.double() / temperature, dim=-1)
+    u = u.double()
+    return scale * p * (u - (p * u).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_out_of_range_labels_raise_one_clear_error(backend):
+    g = torch.Generator().manual_seed(20)
+    zs, zt = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+
+    def call(labels, zs=zs, zt=zt, **kw):
+        if backend == "reference":
+            return kd_loss_reference(zs, zt, labels, temperature=1.0, alpha=0.5, **kw)
+        return kd_loss(zs.clone().requires_grad_(True), zt, labels, backend=backend, **kw)
+
+    for labels, value, row in (([1, 10, 2], 10, 1), ([1, 2, -5], -5, 2), ([99, 0, 0], 99, 0)):
+        with pytest.raises(ValueError, match=rf"label {value} at row {row} .*V = 10 .*ignore_index \(-100\)"):
+            call(torch.tensor(labels))
+    with pytest.raises(ValueError, match=r"label 12 at row 3 \(labels\[1, 1\]\) .*V = 5 "):
+        call(torch.tensor([[0, 1], [IGNORE, 12]]), zs=zs.reshape(-1)[:20].view(2, 2, 5),
+             zt=zt.reshape(-1)[:20].view(2, 2, 5))
+    # ignore_index is never range-checked, wherever it lies
+    assert torch.isfinite(call(torch.tensor([1, IGNORE, 2])))
+    assert torch.isfinite(call(torch.tensor([1, 10, 2]), ignore_index=10))
+
+
+def test_triton_kernel_masks_unchecked_out_of_range_labels():
+    # Past kd_loss's check: the last row's label would read beyond the buffer, the first row's before it.
+    zs, zt, _ = make_inputs(3, 10, seed=21, labels=False)
+    zs, zt = zs.float(), zt.float()
+    y = torch.tensor([-3, 4, 10])
+    for soft_loss in KINDS:
+        loss, _, grad = kd_module.kd_loss_forward_triton(zs, zt, y, 2.0, 0.5, soft_loss, IGNORE, "none", True)
+        assert torch.isnan(loss[[0, 2]]).all() and torch.isnan(grad[[0, 2]]).all()
+        ref_loss, ref_grad = plain_f64_loss_and_grad(zs[1:2], zt[1:2], y[1:2], torch.ones(1),
+                                                     temperature=2.0, alpha=0.5, soft_loss=soft_loss)
+        assert_close(loss[1:2], ref_loss, 2e-6, 0.0, "valid row")
+        assert_close(grad[1:2], ref_grad, 2e-6, 0.0, "valid row grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_far_below_any_finite_floor(backend, monkeypatch):
+    # Row 0: a fully masked row filled with finfo.min (valid label): uniform, loss alpha*log(V).
+    # Row 1: blocks of 4 classes, the first two blocks fully -inf in both models.
+    monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 4)
+    monkeypatch.setattr(meta_module, "MAX_FUSED_SIZE", 4)
+    lowest = torch.finfo(torch.float32).min
+    g = torch.Generator().manual_seed(22)
+    zs = torch.randn(2, 16, generator=g)
+    zt = torch.randn(2, 16, generator=g)
+    zs[0], zt[0] = lowest, lowest
+    zs[1, :8], zt[1, :8] = float("-inf"), float("-inf")
+    y = torch.tensor([3, 12])
+    weights = torch.tensor([0.7, 1.3])
+    for soft_loss in KINDS:
+        x = zs.clone().requires_grad_(True)
+        loss = kd_loss(x, zt, y, temperature=1.0, alpha=0.5, soft_loss=soft_loss, reduction="none", backend=backend)
+        (loss * weights).sum().backward()
+        ref_loss, ref_grad = plain_f64_loss_and_grad(zs, zt, y, weights, temperature=1.0, alpha=0.5,
+                                                     soft_loss=soft_loss)
+        assert loss[0].item() == pytest.approx(0.5 * torch.log(torch.tensor(16.0)).item(), rel=1e-6)
+        assert_close(loss, ref_loss, 2e-6, 0.0, f"{soft_loss} loss")
+        assert_close(x.grad, ref_grad, 2e-6, 0.0, f"{soft_loss} grad")
+    u = torch.randn(2, 16, generator=g)
+    w = meta_cotangent(zt, u, temperature=1.0, scale=0.5, backend=backend)
+    assert_close(w, plain_f64_cotangent(zt, u, temperature=1.0, scale=0.5), 1e-5, 0.0, "cotangent")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_zero_weight_terms_are_left_out(backend, soft_loss):
+    inf = float("inf")
+    cases = (
+        # alpha = 1: the soft term is inf (class 3 masked in the student only); the loss is CE = log 3
+        (torch.tensor([[0.0, 0.0, 0.0, -inf]]), torch.zeros(1, 4), torch.tensor([0]), 1.0),
+        # alpha = 0: the CE is inf (the label's class is masked); the loss is the soft term alone
+        (torch.tensor([[0.0, 1.0, 2.0, -inf]]), torch.tensor([[0.5, 0.0, 1.0, -inf]]), torch.tensor([3]), 0.0),
+    )
+    for zs, zt, y, alpha in cases:
+        x = zs.clone().requires_grad_(True)
+        kw = dict(temperature=2.0, alpha=alpha, soft_loss=soft_loss)
+        if backend == "reference":
+            loss = kd_loss_reference(x, zt, y, **kw)
+        else:
+            loss = kd_loss(x, zt, y, backend=backend, **kw)
+        loss.backward()
+        ref_loss, ref_grad = plain_f64_loss_and_grad(zs, zt, y, torch.ones(1), **kw)
+        assert torch.isfinite(ref_loss).all()
+        if alpha == 1.0:
+            assert ref_loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+        assert_close(loss.reshape(1), ref_loss, 2e-5, 0.0, f"alpha={alpha} loss")
+        assert_close(x.grad, ref_grad, 2e-6, 0.0, f"alpha={alpha} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_applies_grad_output_in_fp32_and_rounds_once(backend):
+    zs, zt, y = make_inputs(6, 50, seed=23, ignore_rows=(2,))
+    zs, zt = zs.to(torch.bfloat16), zt.to(torch.bfloat16)
+    third = torch.tensor(1.0 / 3.0)
+    for reduction, grad_output in (("mean", third), ("none", torch.full((6,), 1.0 / 3.0))):
+        x = zs.clone().requires_grad_(True)
+        kd_loss(x, zt, y, temperature=2.0, alpha=0.5, reduction=reduction, backend=backend).backward(grad_output)
+        n = 5 if reduction == "mean" else 1  # valid rows
+        _, ref = plain_f64_loss_and_grad(zs, zt, y, torch.full((6,), 1.0 / (3.0 * n), dtype=torch.float64),
+                                         temperature=2.0, alpha=0.5)
+        got = x.grad.double()
+        live = ref != 0
+        ratio = (got[live] / ref[live]).median().item()
+        assert abs(ratio - 1.0) < 1e-3, f"{reduction}: median ratio {ratio}"
+        # One rounding to bf16 (8 significant bits) is at most half a unit in the last place, plus the
+        # fp32 computation's own error.
+        _, exponent = torch.frexp(ref)
+        half_ulp = torch.ldexp(torch.full_like(ref, 0.5), exponent - 8)
+        excess = (got - ref).abs() - half_ulp - 2e-6 * ref.abs().max()
+        assert excess.max().item() <= 0, f"{reduction}: {int((excess > 0).sum())} entries beyond one rounding"
+
+
+@pytest.mark.parametrize("soft_loss", KINDS)
+def test_triton_float64_matches_float64_reference(soft_loss, monkeypatch):
+    # 1/3 and alpha = 0.3 are inexact in fp32; blocks of 32 fp64 classes stream 4 blocks.
+    monkeypatch.setattr(kd_module, "MAX_FUSED_SIZE", 64)
+    monkeypatch.setattr(meta_module, "MAX_FUSED_SIZE", 64)
+    zs, zt, y = make_inputs(3, 100, seed=24, ignore_rows=(1,))
+    weights = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    kw = dict(temperature=3.0, alpha=0.3, soft_loss=soft_loss)
+    x = zs.clone().requires_grad_(True)
+    loss = kd_loss(x, zt, y, reduction="none", backend="triton", **kw)
+    (loss * weights).sum().backward()
+    ref_loss, ref_grad = plain_f64_loss_and_grad(zs, zt, y, weights, **kw)
+    assert loss.dtype == torch.float64 and x.grad.dtype == torch.float64
+    assert_close(loss, ref_loss, 1e-12, 0.0, "fp64 loss")
+    assert_close(x.grad, ref_grad, 1e-12, 0.0, "fp64 grad")
+    u = torch.randn(3, 100, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    w = meta_cotangent(zt, u, temperature=3.0, scale=0.3, backend="triton")
+    assert w.dtype == torch.float64
+    assert_close(w, plain_f64_cotangent(zt, u, temperature=3.0, scale=0.3), 1e-12, 0.0, "fp64 cotangent")
+
+
+def test_launch_config_caps_block_and_warps():
+    cap = kd_module.MAX_FUSED_SIZE
+    assert cap <= 8192  # 16384 at 16 warps needed 103-128 registers per thread on sm_90a
+    assert kd_module.launch_config(128256, torch.bfloat16, cap) == (cap, 16, tl.float32)
+    assert kd_module.launch_config(128256, torch.float64, cap) == (cap // 2, 8, tl.float64)
+    assert kd_module.launch_config(3, torch.float32, cap) == (4, 4, tl.float32)
+    assert max(kd_module.get_num_warps(2**k) for k in range(25)) == 16
+    assert meta_module.MAX_FUSED_SIZE == cap
