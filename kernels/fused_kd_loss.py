@@ -46,10 +46,12 @@ from ._common import (
     rows_per_chunk,
 )
 
-# Largest class block one program holds in registers (fp32 compute; half that for fp64); wider
-# vocabularies loop over blocks with the online softmax. At 16 warps a block of 8192 is 16 elements per
-# thread for each live block tensor; an sm_90a compile of 16384 used 103-128 registers per thread.
-MAX_FUSED_SIZE = 8192
+# Largest class block one program holds in registers (fp32 compute; half that for fp64, whose elements take
+# two registers); wider vocabularies loop over blocks with the online softmax. Registers per thread from
+# ptxas for sm_90a (Triton 3.9, bf16 logits, kl with CE and gradient): BLOCK 16384 at 16 warps 128,
+# 8192 at 16 warps 106, 4096 at 16 warps 54 (mse 64), no spills. Above ~64 a 512-thread program leaves
+# room for one program per SM, too few warps in flight to hide the memory latency of a streaming kernel.
+MAX_FUSED_SIZE = 4096
 
 _KIND_KL = 0
 _KIND_MSE = 1
@@ -57,19 +59,16 @@ _KINDS = {"kl": _KIND_KL, "mse": _KIND_MSE}
 
 
 def get_num_warps(block_size: int) -> int:
-    if block_size >= 8192:
-        return 16
-    if block_size >= 2048:
-        return 8
-    return 4
+    """8 fp32 elements per thread for each live block tensor (what the register figures above assume)."""
+    return min(16, max(4, block_size // 256))
 
 
 def launch_config(n_cols: int, dtype: torch.dtype, max_block: int) -> tuple[int, int, tl.dtype]:
     """(BLOCK, num_warps, Triton compute dtype) for rows of ``n_cols`` logits of ``dtype``."""
     fp64 = compute_dtype(dtype) == torch.float64
-    cap = max(1, max_block // 2) if fp64 else max_block  # an fp64 element takes two registers
-    block = min(cap, triton.next_power_of_2(n_cols))
-    return block, get_num_warps(block), tl.float64 if fp64 else tl.float32
+    width = 2 if fp64 else 1  # registers per element
+    block = min(max(1, max_block // width), triton.next_power_of_2(n_cols))
+    return block, get_num_warps(block * width), tl.float64 if fp64 else tl.float32
 
 
 def scalar_args(device: torch.device, dtype: torch.dtype, *values: float) -> torch.Tensor:

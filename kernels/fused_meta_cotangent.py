@@ -22,7 +22,7 @@ from .fused_kd_loss import _rowdot, _scaled, _shift_of, launch_config, scalar_ar
 from .reference import _check_meta_args
 
 # Largest class block one program holds in registers (fp32; half for fp64): see fused_kd_loss.
-MAX_FUSED_SIZE = 8192
+MAX_FUSED_SIZE = 4096
 
 _KINDS = {"kl": 0, "mse": 1}
 

@@ -699,9 +699,10 @@ def test_triton_float64_matches_float64_reference(soft_loss, monkeypatch):
 
 def test_launch_config_caps_block_and_warps():
     cap = kd_module.MAX_FUSED_SIZE
-    assert cap <= 8192  # 16384 at 16 warps needed 103-128 registers per thread on sm_90a
+    assert cap <= 4096  # ptxas sm_90a: 8192 at 16 warps took 106 registers per thread, 16384 took 128
     assert kd_module.launch_config(128256, torch.bfloat16, cap) == (cap, 16, tl.float32)
-    assert kd_module.launch_config(128256, torch.float64, cap) == (cap // 2, 8, tl.float64)
+    assert kd_module.launch_config(128256, torch.float64, cap) == (cap // 2, 16, tl.float64)
+    assert kd_module.launch_config(1000, torch.float32, cap) == (1024, 4, tl.float32)
     assert kd_module.launch_config(3, torch.float32, cap) == (4, 4, tl.float32)
-    assert max(kd_module.get_num_warps(2**k) for k in range(25)) == 16
+    assert {kd_module.get_num_warps(2**k) for k in range(25)} == {4, 8, 16}
     assert meta_module.MAX_FUSED_SIZE == cap
