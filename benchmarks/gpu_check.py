@@ -75,10 +75,10 @@ class Part:
 
 PARTS = (
     Part("install", "environment: scripts/bootstrap.sh, torch sees the GPU", 1200),
-    Part("kernels", "Triton kernels vs fp64 references", 130),
+    Part("kernels", "Triton kernels vs fp64 references", 120),
     Part("bench", "kernel benchmark (benchmarks/gpu_kernels.py)", 120),
     Part("train", f"main job, {TRAIN_STEPS} steps, bf16, ZeRO-3 teacher: deepspeed launcher vs one process", 170),
-    Part("lm", f"causal-LM MetaDistil step at V={LM_VOCAB}", 50),
+    Part("lm", f"causal-LM MetaDistil step at V={LM_VOCAB}", 60),
 )
 PART_NAMES = [p.name for p in PARTS]
 
