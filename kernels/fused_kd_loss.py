@@ -4,7 +4,7 @@ Two implementations behind one functional entry point:
 
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): one program per row streams the class axis in
   blocks with an online softmax for teacher, tempered student and untempered student; a second pass
-  writes d loss / d z_s into a buffer of the compute dtype. No [N, V] fp32 temporary beyond that exists.
+  writes d loss / d z_s into an [N, V] buffer of the compute dtype; no other [N, V] temporary exists.
 * torch (everywhere): the same maths over row chunks, so fp32 temporaries exist only per chunk; on
   CPU the chunks run concurrently on single-threaded workers (see ``_common.map_row_chunks``).
 
