@@ -8,13 +8,27 @@ checkpoint is a folder written through DeepSpeed's own save/load:
     last/step-00000040/student/       one folder per model: DeepSpeed's engine checkpoint (or model.pt)
     last/step-00000040/teacher/
     last/step-00000040/trainer.pt     config fingerprint, trainer state, every rank's RNG, world size, stages
+    last/step-00000040/manifest.json  size and SHA-256 of every file above, written once they are all on disk
 
 A crash while saving leaves `latest` naming the previous complete checkpoint. Save and load are collective:
-every rank calls them, and only rank 0 writes the shared files.
+every rank calls them, and only rank 0 writes the shared files. The ranks share the hashing: each digests (on
+save) and verifies (on load) its share of the files, so a corrupted file is refused on every rank alike before
+any of it is loaded. (The folder must be one every rank sees, as the checkpoint's layout already requires.)
+
+Both formats are loaded with torch's weights-only unpickler, DeepSpeed's own files included (checkpoint.py).
+
+What the checks leave open. The manifest catches corruption, not tampering (whoever can write the folder can
+rewrite it); what stops a planted file is the weights-only loading. DeepSpeed asks torch.load for
+weights_only=False; weights_only_loads() overrides that for the duration of the engine's load_checkpoint only
+(TORCH_FORCE_WEIGHTS_ONLY_LOAD), allowing four of DeepSpeed's classes (deepspeed_checkpoint_classes): a
+DeepSpeed release that pickles other classes is refused, naming them, until they are added there. The folder
+also holds DeepSpeed's copies of its zero_to_fp32.py and zero_to_torch.py scripts: nothing here runs them, and
+on a folder from elsewhere use the installed deepspeed's scripts, not those.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,10 +39,17 @@ from metadistil_scale.checkpoint import (
     atomic_save,
     atomic_write_text,
     check_fingerprint,
+    file_digest,
+    folder_files,
     load_checkpoint,
+    remove_stale_temps,
     rng_state,
     set_rng_state,
+    verify_folder,
+    write_manifest,
 )
+
+TAG = re.compile(r"step-\d{8}")
 
 
 def _zero_stage(model: Any) -> int | None:
@@ -43,6 +64,12 @@ class StageCheckpoint:
         self.fingerprint, self.models = fingerprint, models
         self.sharded = any(_zero_stage(m) is not None for m in models.values())
         self.path = out_dir / ("last" if self.sharded else "last.pt")
+        if dist.is_main():  # a stage starts: nothing of this run writes here yet
+            removed = [entry for folder in (out_dir, out_dir / "last") for entry in remove_stale_temps(folder)]
+            if removed:
+                megabytes = sum(size for _, size in removed) / 1e6
+                print(f"[checkpoint] removed {len(removed)} temporaries of interrupted writes ({megabytes:.1f} MB): "
+                      + ", ".join(str(path) for path, _ in removed))
 
     def exists(self) -> bool:
         return (self.path / "latest").is_file() if self.sharded else self.path.is_file()
@@ -96,16 +123,32 @@ class StageCheckpoint:
         if dist.is_main():
             atomic_save({"config": self.fingerprint, "state": state, "rng": rngs, "world_size": len(rngs),
                          "zero_stages": self._stages()}, folder / "trainer.pt")
-        dist.barrier()  # every rank's shards are on disk before `latest` names them
+        dist.barrier()  # every rank's shards are on disk before they are digested and `latest` names them
+        names = dist.broadcast_object(folder_files(folder) if dist.is_main() else None)
+        mine = names[dist.rank()::dist.world_size()]  # the share verify_folder gives this rank on load
+        shares = dist.all_gather_object({name: file_digest(folder / name) for name in mine})
         if dist.is_main():
+            write_manifest(folder, {name: digest for share in shares for name, digest in share.items()})
             atomic_write_text(tag + "\n", self.path / "latest")
             for old in self.path.glob("step-*"):
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    def _verify(self, folder: Path) -> None:
+        """verify_folder, each rank its share; every rank raises the first problem any rank found."""
+        try:
+            verify_folder(folder, dist.rank(), dist.world_size())
+            problem = None
+        except (CheckpointError, OSError) as err:  # every rank must reach the gather below
+            problem = str(err)
+        problems = [p for p in dist.all_gather_object(problem) if p is not None]
+        if problems:
+            raise CheckpointError(problems[0])
+
     def _load_folder(self) -> dict[str, Any]:
-        folder = self.path / (self.path / "latest").read_text().strip()
+        folder = latest_folder(self.path)
+        self._verify(folder)
         ckpt = load_checkpoint(folder / "trainer.pt")
         check_fingerprint(ckpt, self.fingerprint, folder)
         if ckpt["world_size"] != dist.world_size():
@@ -122,3 +165,11 @@ class StageCheckpoint:
             model.load_checkpoint(folder / name)
         set_rng_state(ckpt["rng"][dist.rank()])
         return ckpt["state"]
+
+
+def latest_folder(path: Path) -> Path:
+    """The step folder that `path/latest` names (CheckpointError when it names none)."""
+    tag = (path / "latest").read_text(errors="replace").strip()
+    if not TAG.fullmatch(tag) or not (path / tag).is_dir():
+        raise CheckpointError(f"{path / 'latest'} names {tag[:40]!r}, which is not a checkpoint folder in {path}")
+    return path / tag

@@ -26,7 +26,7 @@ from torch import nn
 
 from metadistil_scale.backends import dist
 from metadistil_scale.backends.torch_backend import build_optimizer, logits_of, lr_schedule
-from metadistil_scale.checkpoint import CheckpointError
+from metadistil_scale.checkpoint import CheckpointError, weights_only_loads
 from metadistil_scale.config import ConfigError, OptimConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -314,10 +314,22 @@ class DeepSpeedModel:
     def load_checkpoint(self, folder: Path) -> None:
         if not folder.is_dir():
             raise CheckpointError(f"no DeepSpeed checkpoint at {folder}")
-        path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=self.trains,
-            load_lr_scheduler_states=self.trains,
-        )
+        with weights_only_loads(folder, deepspeed_checkpoint_classes()):
+            path, _ = self.engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_optimizer_states=self.trains,
+                load_lr_scheduler_states=self.trains,
+            )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint at {folder}")
         self._pending = 0
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and plain data (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3, bf16 and offload checkpoints): plain
+    records that unpickle without running code of their own."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

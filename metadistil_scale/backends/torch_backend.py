@@ -141,9 +141,11 @@ class TorchModel:
     # -- checkpoints
     def save_checkpoint(self, folder: Path) -> None:
         """Into a checkpoint folder beside DeepSpeed engines' (the weights are the same on every rank)."""
+        from metadistil_scale.checkpoint import atomic_save
+
         if dist.is_main():
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.state_dict(), folder / "model.pt")
+            atomic_save(self.state_dict(), folder / "model.pt")
 
     def load_checkpoint(self, folder: Path) -> None:
         from metadistil_scale.checkpoint import load_checkpoint
