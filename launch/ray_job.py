@@ -5,11 +5,12 @@
         --deepspeed-teacher ds_configs/zero2.json --deepspeed-student ds_configs/zero2.json \\
         --storage-path /shared/ray_results --name my-run --max-failures 3 [--use-gpu]
 
-The driver (this module's `main`, run by the job) validates everything it can before any worker starts: the
-config, the storage path, the cluster's address and whether the cluster holds the workers asked for. Then a Ray
-Train TorchTrainer places `--num-workers` workers (one GPU each with `--use-gpu`); Ray Train sets up their
-process group, and every worker runs `metadistil_scale.trainer.train` — the teacher's fine-tuning, then each
-method, with both models behind DeepSpeed engines when the config names DeepSpeed configs.
+The driver (this module's `main`, run by the job) validates everything it can before any worker starts, and
+creates no folder until every check has passed: the arguments, the config, the storage path, the cluster's
+address and whether the cluster holds the workers asked for. Then a Ray Train TorchTrainer places
+`--num-workers` workers (one GPU each with `--use-gpu`); Ray Train sets up their process group, and every
+worker runs `metadistil_scale.trainer.train` — the teacher's fine-tuning, then each method, with both models
+behind DeepSpeed engines when the config names DeepSpeed configs.
 
 Fault tolerance. Each time the trainer completes a stage checkpoint (`<output>/<stage>/last`, at every
 evaluation and at the end of a stage) the workers report it through `ray.train.report`: rank 0 copies it into
@@ -23,35 +24,42 @@ continues a stopped run.
 
 The run folder (`output_dir`) must be one that every worker sees (a shared file system on a multi-node
 cluster), exactly as for the deepspeed launcher. A relative `output_dir` (the default's `runs/default`) would
-land in a job's temporary working directory, so it is placed at `<storage-path>/<name>/output` instead.
+land in a job's temporary working directory, so it is placed at `<storage-path>/<name>/output` instead. For the
+same reason a relative `--storage-path` is refused under `ray job submit` (where the driver runs in Ray's
+temporary copy of the working directory, which Ray deletes); run by hand, it means what it says.
 
 A restart also resumes when no Ray checkpoint was registered yet (a crash during the first report): the run
 folder remembers the run's name (`ray_run.txt`), and the trainer then resumes its own checkpoints there.
 
-`METADISTIL_RAY_KILL_ONCE=<marker file>` (for tests of the recovery): while the marker does not exist, the last
-rank creates it and kills itself (SIGKILL) right after the first checkpoint it reports, once Ray Train has
-registered that checkpoint.
+Checkpoints come back from the run folder or from Ray's storage only after they pass the checks of
+metadistil_scale.checkpoint (checksums, weights-only loading): a restart never runs code planted in them.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-KILL_ONCE_ENV = "METADISTIL_RAY_KILL_ONCE"
+from metadistil_scale.checkpoint import CheckpointError
+
 MANIFEST = "manifest.json"
 RUN_MARKER = "ray_run.txt"  # in the run folder: the name of the Ray run writing it
+# Set by Ray's job supervisor for the driver of a submitted job (ray._private.runtime_env.constants).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 class LaunchError(RuntimeError):
@@ -82,10 +90,39 @@ def build_parser() -> argparse.ArgumentParser:
                           help="resume the trainer's own checkpoints in the run folder when Ray has none")
     ray_args.add_argument("--address", help="the cluster's address (host:port of its GCS, or 'auto'); under "
                                             "`ray job submit` the job's own cluster (RAY_ADDRESS)")
+    ray_args.add_argument("--connect-timeout", type=float, default=60.0,
+                          help="seconds to wait for the cluster to answer before giving up (default 60)")
     ray_args.add_argument("--wait-for-resources", action="store_true",
                           help="skip the check that the cluster holds the workers now (an autoscaling cluster "
                                "adds nodes on demand); without it a run that cannot be placed stops at once")
     return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numeric options, before anything else (a zero or negative resource would fail deep inside Ray)."""
+    if args.num_workers < 1:
+        raise LaunchError(f"--num-workers must be >= 1, got {args.num_workers}")
+    cpus = args.cpus_per_worker
+    if not math.isfinite(cpus) or cpus < 0 or (cpus == 0 and not args.use_gpu):
+        raise LaunchError(f"--cpus-per-worker must be a number > 0 (0 only with --use-gpu), got {cpus:g}")
+    if args.max_failures < -1:
+        raise LaunchError(f"--max-failures must be >= 0, or -1 for no limit, got {args.max_failures}")
+    if not (math.isfinite(args.connect_timeout) and args.connect_timeout > 0):
+        raise LaunchError(f"--connect-timeout must be a number of seconds > 0, got {args.connect_timeout:g}")
+
+
+def resolve_storage(storage_path: str) -> str:
+    """An absolute storage path (or the URI as given). A relative one is refused under `ray job submit`: the
+    driver runs in Ray's temporary copy of the working directory, and the checkpoints would go with it."""
+    if is_uri(storage_path):
+        return storage_path
+    path = Path(storage_path).expanduser()
+    if not path.is_absolute() and RAY_JOB_ENV in os.environ:
+        raise LaunchError(
+            f"--storage-path {storage_path} is relative, and this job runs in Ray's temporary copy of its working "
+            f"directory ({Path.cwd()}), which Ray deletes: give an absolute path (or a cloud URI)"
+        )
+    return str(path.resolve())
 
 
 def resolve_output_dir(output_dir: str, storage_path: str, name: str) -> str:
@@ -106,8 +143,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_creatable(path: str, what: str) -> None:
+    """Refuse, creating nothing, a local folder that could not be made: under a file, or in a folder this user
+    cannot write (check_writable, after the other checks, makes sure)."""
+    if is_uri(path):
+        return
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    if not existing.is_dir():
+        raise LaunchError(f"{what} {path} is not writable: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"{what} {path} is not writable: this user cannot write in {existing}")
+
+
 def check_writable(path: str, what: str) -> None:
-    """Create `path` if needed and write and delete a probe file in it (a local folder or a cloud URI)."""
+    """Create `path` if needed and write and delete a probe file in it (a local folder or a cloud URI); the last
+    check, since it creates the folder."""
     probe = f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         if is_uri(path):
@@ -127,7 +177,21 @@ def check_writable(path: str, what: str) -> None:
         raise LaunchError(f"{what} {path} is not writable: {type(err).__name__}: {err}") from err
 
 
-def connect(address: str | None) -> None:
+def answers_http(host: str, port: int) -> bool:
+    """Whether host:port is an HTTP/1 server, as Ray's dashboard is. The GCS speaks gRPC: a plain HTTP request
+    gets HTTP/2 frames back, which is no HTTP/1 status line."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/api/version")
+        conn.getresponse().close()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def connect(address: str | None, timeout: float) -> None:
     """Join the cluster (never start one here: a job runs on the cluster it was submitted to)."""
     import ray
 
@@ -140,17 +204,41 @@ def connect(address: str | None) -> None:
         )
     if address not in ("auto", "local") and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
+        host = host or "127.0.0.1"
         try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+            socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as err:
             raise LaunchError(
                 f"no Ray cluster reachable at {address} ({err}): start one (launch/start_local_ray.sh) or "
                 "check the address"
             ) from err
+        # Ray would retry a dashboard's port as a GCS forever.
+        if answers_http(host, int(port)):
+            raise LaunchError(
+                f"{address} answers HTTP: it is the dashboard (job server), not the cluster's GCS; use "
+                f"`ray job submit --address http://{address} -- python -m metadistil_scale.launch.ray_job ...`, "
+                f"or give --address the GCS address ({host}:6379 unless the head set --port)"
+            )
+    # ray.init retries an address that accepts connections but never completes the GCS handshake without end;
+    # nothing has been created yet, so giving up is a plain exit.
+    watchdog = threading.Timer(timeout, _give_up, [
+        f"the Ray cluster at {address} did not answer within {timeout:g} s (--connect-timeout): check that it is "
+        "the GCS address (host:6379) and, with token authentication, that RAY_AUTH_MODE=token and the token "
+        "are set here"])
+    watchdog.daemon = True
+    watchdog.start()
     try:
         ray.init(address=address, logging_level="WARNING", configure_logging=True)
     except ConnectionError as err:
         raise LaunchError(f"no Ray cluster reachable at {address}: {err}") from err
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    os._exit(2)  # ray.init is blocked in Ray's core: no exception reaches it
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
@@ -185,8 +273,9 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def train_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: restore the latest Ray checkpoint if there is one, then run the trainer."""
+def train_worker(loop: dict[str, Any], reporter_class: type[Reporter] | None = None) -> None:
+    """One Ray Train worker: restore the latest Ray checkpoint if there is one, then run the trainer.
+    `reporter_class` replaces Reporter (a test's fault injection)."""
     if not loop["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -230,7 +319,7 @@ def train_worker(loop: dict[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(loop["name"] + "\n")
     resume = dist.broadcast_object(resume)
-    reporter = Reporter(out, rank, context.get_world_size())
+    reporter = (reporter_class or Reporter)(out, rank, context.get_world_size())
     results = train(cfg, resume=resume, on_checkpoint=reporter)
     reporter.final(results, cfg.methods)
 
@@ -261,7 +350,6 @@ class Reporter:
                 shutil.copy2(path.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
 
         self._report(metrics, manifest, fill)
-        self._maybe_fail(stage, record["step"])
 
     def final(self, results: dict[str, Any], methods: list[str]) -> None:
         def fill(folder: Path) -> None:
@@ -285,56 +373,55 @@ class Reporter:
         what = "the final outputs" if manifest["stage"] == "done" else f"{manifest['stage']} step {manifest['step']}"
         say(f"[ray] reported {what} at {datetime.now().isoformat(timespec='milliseconds')}")
 
-    def _maybe_fail(self, stage: str, step: int) -> None:
-        marker = os.environ.get(KILL_ONCE_ENV)
-        if not marker or self.rank != self.world - 1 or Path(marker).exists():
-            return
-        import ray.train
-
-        # Only once Ray Train holds the checkpoint just reported (registration trails the report).
-        ray.train.get_all_reported_checkpoints(timeout_s=300)
-        Path(marker).write_text(f"{stage} {step}\n")
-        say(f"[ray] {KILL_ONCE_ENV}: rank {self.rank} (pid {os.getpid()}) kills itself after the checkpoint at "
-              f"{stage} step {step}")
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step of a stage checkpoint in the run folder; None when it is missing or unreadable."""
-    try:
-        if path.is_dir():
-            return int((path / "latest").read_text().strip().removeprefix("step-"))
-        if path.is_file():
-            import torch
+    """The step of a stage checkpoint, verified (checksums, weights-only load); None when there is none,
+    CheckpointError when it is unusable."""
+    from metadistil_scale.backends.checkpointing import latest_folder
+    from metadistil_scale.checkpoint import load_checkpoint, verify_folder
 
-            return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]["step"])
-    except Exception:  # a partial or foreign file is as good as none: the reported copy replaces it
-        return None
+    if path.is_dir() and (path / "latest").is_file():
+        folder = latest_folder(path)
+        verify_folder(folder)
+        return int(folder.name.removeprefix("step-"))
+    if path.is_file():
+        state = load_checkpoint(path).get("state")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: not a stage checkpoint (no trainer state)")
+        return state["step"]
     return None
 
 
 def restore(folder: Path, out: Path, source: str) -> None:
-    """Put a reported checkpoint back into the run folder, unless the folder already holds it or a later one."""
-    from metadistil_scale.checkpoint import atomic_dir
+    """Put a reported checkpoint back into the run folder, unless the folder already holds it or a later one,
+    or the reported copy does not pass the checks."""
+    from metadistil_scale.checkpoint import atomic_copy, atomic_dir
 
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest["stage"] == "done":
         say(f"[ray] restarting after the run finished (Ray Train checkpoint {source}): re-reporting its results")
         return
     stage, step, rel = manifest["stage"], manifest["step"], manifest["checkpoint"]
-    target = out / rel
-    have = checkpoint_step(target)
+    target, saved = out / rel, folder / rel
     say(f"[ray] restarting from Ray Train checkpoint {source} (stage {stage}, step {step})")
+    try:
+        have = checkpoint_step(target)
+    except CheckpointError as err:
+        say(f"[ray] the run folder's checkpoint is unusable, the reported one replaces it: {err}")
+        have = None
     if have is not None and have >= step:
         say(f"[ray] the run folder already holds {target} at step {have}: resuming from it")
         return
-    saved = folder / rel
+    try:
+        checkpoint_step(saved)
+    except CheckpointError as err:
+        say(f"[ray] not restoring Ray Train checkpoint {source}: {err}")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
     if saved.is_dir():
         atomic_dir(target, lambda tmp: shutil.copytree(saved, tmp, dirs_exist_ok=True))
     else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(saved, target.with_name(target.name + ".restore"))
-        os.replace(target.with_name(target.name + ".restore"), target)
+        atomic_copy(saved, target)
     if (saved.parent / "metrics.jsonl").is_file():
         shutil.copy2(saved.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
     say(f"[ray] copied the checkpoint into {target}")
@@ -343,7 +430,8 @@ def restore(folder: Path, out: Path, source: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, worker: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The driver; `worker` replaces train_worker (a function importable by its module's name)."""
     sys.stdout.reconfigure(line_buffering=True)  # a job's log is a pipe: show progress as it happens
     args = build_parser().parse_args(argv)
     from metadistil_scale.backends import check_distributed
@@ -351,19 +439,20 @@ def main(argv: list[str] | None = None) -> int:
     from metadistil_scale.config import ConfigError, config_to_dict
 
     try:
-        if args.num_workers < 1:
-            raise LaunchError(f"--num-workers must be >= 1, got {args.num_workers}")
+        check_args(args)
         cfg = _load(args)
         check_distributed(cfg, args.num_workers)  # batch sizes that do not split over the workers
         name = args.name or time.strftime("metadistil-%Y%m%d-%H%M%S")
-        storage = args.storage_path if is_uri(args.storage_path) else str(Path(args.storage_path).expanduser().resolve())
+        storage = resolve_storage(args.storage_path)
         cfg = replace(cfg, output_dir=resolve_output_dir(cfg.output_dir, storage, name))
-        check_writable(storage, "--storage-path")
-        check_writable(cfg.output_dir, "the run folder (output_dir)")
-        connect(args.address)
+        check_creatable(storage, "--storage-path")
+        check_creatable(cfg.output_dir, "the run folder (output_dir)")
+        connect(args.address, args.connect_timeout)
         per_worker = worker_resources(args.use_gpu, args.cpus_per_worker)
         if not args.wait_for_resources:
             check_resources(args.num_workers, per_worker)
+        check_writable(storage, "--storage-path")
+        check_writable(cfg.output_dir, "the run folder (output_dir)")
     except (ConfigError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -371,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     # The worker function by its module's name (not __main__'s), so that workers import it rather than
     # unpickle a copy.
     import ray.train
-    from metadistil_scale.launch.ray_job import train_worker as worker_fn
+    from metadistil_scale.launch.ray_job import train_worker
     from ray.train.torch import TorchTrainer
+
+    worker_fn = worker or train_worker
 
     # Workers stay in the job's working directory (Ray Train would move them to a per-run folder), so relative
     # paths in the config (ds_configs/..., configs/...) mean on every node what they mean here.

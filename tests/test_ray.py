@@ -1,12 +1,16 @@
 """Ray orchestration: MetaDistil runs submitted with `ray job submit` to a real local Ray head.
 
-One head (127.0.0.1, its own temp dir and ports, 2 CPUs) serves the module; two jobs run a tiny MetaDistil recipe
-on 2 CPU workers with teacher and student at DeepSpeed ZeRO-2:
+One head (launch/start_local_ray.sh: dashboard on 127.0.0.1, token authentication, its own temp dir and ports,
+2 CPUs) serves the module; two jobs run a tiny MetaDistil recipe on 2 CPU workers with teacher and student at
+DeepSpeed ZeRO-2:
   - an uninterrupted job, which must end with the parameters of the same recipe in one plain process;
-  - a job whose last worker kills itself (SIGKILL) right after the first checkpoint: Ray Train restarts the
-    worker group, the new workers resume from that checkpoint, and the run ends with the first job's parameters.
-And the errors a user meets before any worker starts: no cluster at the address, more workers than the cluster
-holds, a storage path that cannot be written.
+  - a job whose last worker kills itself (SIGKILL) right after the first checkpoint (tests/_ray_faults.py): Ray
+    Train restarts the worker group, the new workers resume from that checkpoint, and the run ends with the
+    first job's parameters.
+And the errors a user meets before any worker starts, each one line with exit status 2 and no folder created:
+no cluster at the address, the dashboard's port or a silent port given as the cluster's address, bad numbers,
+more workers than the cluster holds, a storage path that cannot be written or is relative inside a job; and a
+client without the cluster's token is refused.
 
 The head runs in the foreground (`ray start --block`) and is ended at the end with its process tree, even on
 failure: `ray stop` would end every Ray process on the machine, other clusters included.
@@ -14,6 +18,7 @@ failure: `ray stop` would end every Ray process on the machine, other clusters i
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -22,10 +27,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -33,8 +40,10 @@ import pytest
 import torch
 from metadistil_scale.launch.ray_job import MANIFEST, checkpoint_step, restore
 from safetensors.torch import load_file
+from test_checkpoints import Planted, flip_bytes, one_error_line
 from transformers import BertConfig, BertForSequenceClassification
 
+from metadistil_scale.checkpoint import CheckpointError, write_manifest
 from metadistil_scale.config import load_config
 from metadistil_scale.models.text import load_tokenizer
 
@@ -57,8 +66,8 @@ def _env() -> dict[str, str]:
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.pop("TRITON_INTERPRET", None)
-    env.pop("RAY_ADDRESS", None)
+    for name in ("TRITON_INTERPRET", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     return env
 
 
@@ -71,14 +80,28 @@ class Cluster:
     gcs: str  # the cluster address, for a driver started by hand
     storage: Path
     models: Path
+    auth: dict[str, str] = field(default_factory=dict)  # what a client's environment needs: the token's settings
+
+    @property
+    def env(self) -> dict[str, str]:
+        return _env() | self.auth
+
+    def token(self) -> str:
+        return Path(self.auth["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
 
 
-def _dashboard_up(url: str) -> bool:
+def _dashboard_status(url: str, token: str | None = None) -> int | None:
+    """The job server's HTTP status for /api/version (None when nothing answers)."""
+    request = urllib.request.Request(f"{url}/api/version")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
-        return True
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
     except OSError:
-        return False
+        return None
 
 
 def _end_head(proc: subprocess.Popen) -> None:
@@ -121,8 +144,10 @@ def cluster() -> Iterator[Cluster]:
     # A short temp dir: Ray's unix socket paths live under it and have a length limit.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = _env() | {"RAY_NUM_CPUS": "2", "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
-                    "RAY_TEMP_DIR": str(temp / "ray")}
+    # The script creates the token file; every client of the cluster reads it from there.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "auth" / "token")}
+    env = _env() | auth | {"RAY_NUM_CPUS": "2", "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
+                           "RAY_TEMP_DIR": str(temp / "ray")}
     log = open(temp / "head.log", "w")  # noqa: SIM115 (closed in finally)
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -136,12 +161,12 @@ def cluster() -> Iterator[Cluster]:
         save_tiny_bert(models / "student", 2, seed=1)
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + 180
-        while not _dashboard_up(dashboard):
+        while _dashboard_status(dashboard) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head did not come up:\n{(temp / 'head.log').read_text()[-4000:]}")
             time.sleep(1)
         TIMINGS["head start"] = time.perf_counter() - started
-        yield Cluster(dashboard, f"127.0.0.1:{gcs_port}", temp / "storage", models)
+        yield Cluster(dashboard, f"127.0.0.1:{gcs_port}", temp / "storage", models, auth)
     finally:
         _end_head(proc)
         log.close()
@@ -163,24 +188,28 @@ def recipe(models: Path) -> list[str]:
     ]
 
 
-def submit(cluster: Cluster, name: str, env_vars: dict[str, str] | None = None) -> tuple[str, float]:
+def submit(cluster: Cluster, name: str, env_vars: dict[str, str] | None = None, *,
+           entry: str = "metadistil_scale.launch.ray_job", storage: str | None = None,
+           succeed: bool = True) -> tuple[str, float]:
     """`ray job submit` a 2-worker ZeRO-2 run; returns its output (driver and workers) and wall time."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
            "--submission-id", name]
     if env_vars:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
-    cmd += ["--", "python", "-m", "metadistil_scale.launch.ray_job", "--num-workers", "2",
-            "--storage-path", str(cluster.storage), "--name", name, "--max-failures", "2", *ZERO2]
+    cmd += ["--", "python", "-m", entry, "--num-workers", "2", "--storage-path", storage or str(cluster.storage),
+            "--name", name, "--max-failures", "2", *ZERO2]
     for override in recipe(cluster.models):
         cmd += ["--set", override]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - started
     output = proc.stdout + proc.stderr
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    status = JobSubmissionClient(cluster.dashboard).get_job_status(name)
-    assert proc.returncode == 0 and status == JobStatus.SUCCEEDED, f"job {name}: {status}\n{output[-8000:]}"
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token()}"})
+    status = client.get_job_status(name)
+    want = JobStatus.SUCCEEDED if succeed else JobStatus.FAILED
+    assert (proc.returncode == 0) == succeed and status == want, f"job {name}: {status}\n{output[-8000:]}"
     return output, wall
 
 
@@ -249,8 +278,10 @@ def test_zero2_job_matches_one_process(cluster: Cluster, uninterrupted: tuple[st
 
 @pytest.mark.slow
 def test_a_lost_worker_resumes_from_the_last_checkpoint(cluster: Cluster, uninterrupted: tuple[str, Path]) -> None:
+    from _ray_faults import KILL_ONCE_ENV
+
     marker = cluster.storage / "killed-once"
-    output, wall = submit(cluster, "lost-worker", {"METADISTIL_RAY_KILL_ONCE": str(marker)})
+    output, wall = submit(cluster, "lost-worker", {KILL_ONCE_ENV: str(marker)}, entry="tests._ray_faults")
     TIMINGS["job with a lost worker"] = wall
     # What the failure cost: the time between the first and the last checkpoint, beyond an uninterrupted run's.
     TIMINGS["cost of the failure (first to last checkpoint)"] = checkpoint_gap(output) - checkpoint_gap(uninterrupted[0])
@@ -282,33 +313,110 @@ def checkpoint_gap(output: str) -> float:
 # ---------------------------------------------------------------- errors before any worker starts
 
 
-def _driver(*args: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
+def _driver(*args: str, timeout: int = 120,
+            env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "metadistil_scale.launch.ray_job", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "metadistil_scale.launch.ray_job", *args], cwd=REPO,
+                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - started
 
 
 @pytest.mark.slow
-def test_more_workers_than_the_cluster_holds_fail_fast(cluster: Cluster) -> None:
-    proc, wall = _driver("--address", cluster.gcs, "--num-workers", "4", "--storage-path", str(cluster.storage),
-                         "--name", "too-many", *ZERO2, *sum((["--set", o] for o in recipe(cluster.models)), []))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "--num-workers 4 asks for 4 workers of {'CPU': 1.0}" in proc.stderr
-    assert "at most 2 such workers fit" in proc.stderr
+def test_more_workers_than_the_cluster_holds_fail_fast(cluster: Cluster, tmp_path: Path) -> None:
+    storage = tmp_path / "new" / "storage"
+    proc, wall = _driver("--address", cluster.gcs, "--num-workers", "4", "--storage-path", str(storage),
+                         "--name", "too-many", *ZERO2, *sum((["--set", o] for o in recipe(cluster.models)), []),
+                         env=cluster.env)
+    line = one_error_line(proc)
+    assert "--num-workers 4 asks for 4 workers of {'CPU': 1.0}" in line and "at most 2 such workers fit" in line
     assert wall < 90
+    assert not (tmp_path / "new").exists()  # a refused run leaves no folder
+
+
+@pytest.mark.slow
+def test_the_dashboard_port_as_the_cluster_address(cluster: Cluster, tmp_path: Path) -> None:
+    address = cluster.dashboard.removeprefix("http://")
+    proc, wall = _driver("--address", address, "--storage-path", str(tmp_path / "storage"), env=cluster.env)
+    line = one_error_line(proc)
+    assert f"ray job submit --address http://{address}" in line and ":6379" in line
+    assert wall < 60 and not (tmp_path / "storage").exists()
+
+
+@pytest.mark.slow
+def test_a_client_without_the_token_isone_error_line(cluster: Cluster, tmp_path: Path) -> None:
+    assert _dashboard_status(cluster.dashboard) == 401
+    assert _dashboard_status(cluster.dashboard, "not-the-token") == 403
+    assert _dashboard_status(cluster.dashboard, cluster.token()) == 200
+    assert oct(Path(cluster.auth["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777) == "0o600"
+    # The GCS listens on every interface (Ray binds it so): the token is what keeps a stranger out.
+    proc, _ = _driver("--address", cluster.gcs, "--storage-path", str(tmp_path / "storage"), "--connect-timeout",
+                      "60")
+    assert "error: no Ray cluster reachable at" in one_error_line(proc)
+    assert not (tmp_path / "storage").exists()
+
+
+@pytest.mark.slow
+def test_a_relative_storage_path_inside_a_job_isone_error_line(cluster: Cluster) -> None:
+    output, _ = submit(cluster, "relative-storage", storage="runs/relative", succeed=False)
+    assert "error: --storage-path runs/relative is relative, and this job runs in Ray's temporary copy" in output
+    assert "give an absolute path" in output
 
 
 @pytest.mark.slow
 def test_no_cluster_at_the_address(tmp_path: Path) -> None:
-    proc, _ = _driver("--address", f"127.0.0.1:{_free_port()}", "--storage-path", str(tmp_path))
-    assert proc.returncode == 2
-    assert "error: no Ray cluster reachable at 127.0.0.1:" in proc.stderr
-    proc, _ = _driver("--address", "http://127.0.0.1:8265", "--storage-path", str(tmp_path))
-    assert proc.returncode == 2 and "is a dashboard (job submission) address" in proc.stderr
+    storage = tmp_path / "new" / "storage"
+    proc, _ = _driver("--address", f"127.0.0.1:{_free_port()}", "--storage-path", str(storage))
+    assert "error: no Ray cluster reachable at 127.0.0.1:" in one_error_line(proc)
+    assert not (tmp_path / "new").exists()  # the checks come before any folder is created
+    proc, _ = _driver("--address", "http://127.0.0.1:8265", "--storage-path", str(storage))
+    assert "is a dashboard (job submission) address" in one_error_line(proc)
     script = subprocess.run(["bash", "launch/submit_default.sh"], cwd=REPO, capture_output=True, text=True,
                             env=_env() | {"RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{_free_port()}"}, timeout=60)
     assert script.returncode == 2 and "error: no Ray job server at http://127.0.0.1:" in script.stderr
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_an_http_server_or_a_silent_port_as_the_cluster_address(tmp_path: Path) -> None:
+    storage = tmp_path / "new" / "storage"
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    # Ray resolves 127.0.0.1 to the machine's address, so the silent port listens on every interface.
+    silent = socket.create_server(("", 0))
+    try:
+        port = http_server.server_address[1]
+        proc, wall = _driver("--address", f"127.0.0.1:{port}", "--storage-path", str(storage))
+        line = one_error_line(proc)
+        assert "answers HTTP" in line and f"ray job submit --address http://127.0.0.1:{port}" in line
+        assert "127.0.0.1:6379" in line and wall < 60
+
+        proc, wall = _driver("--address", f"127.0.0.1:{silent.getsockname()[1]}", "--storage-path", str(storage),
+                             "--connect-timeout", "15")
+        assert "did not answer within 15 s (--connect-timeout)" in one_error_line(proc)
+        assert wall < 60
+        assert not (tmp_path / "new").exists()
+    finally:
+        http_server.shutdown()
+        silent.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--cpus-per-worker", "0"], ["--cpus-per-worker", "-1"],
+                                  ["--cpus-per-worker", "nan"], ["--num-workers", "0"], ["--max-failures", "-2"],
+                                  ["--connect-timeout", "0"]])
+def test_bad_numbers_are_refused_first(tmp_path: Path, args: list[str]) -> None:
+    proc, _ = _driver(*args, "--storage-path", str(tmp_path / "storage"))
+    line = one_error_line(proc)
+    assert f"{args[0]} must be" in line and args[1] in line
+    assert not (tmp_path / "storage").exists()
 
 
 @pytest.mark.slow
@@ -316,8 +424,7 @@ def test_a_storage_path_that_cannot_be_written(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     proc, _ = _driver("--storage-path", str(blocker / "results"))
-    assert proc.returncode == 2
-    assert f"error: --storage-path {blocker / 'results'} is not writable" in proc.stderr
+    assert f"error: --storage-path {blocker / 'results'} is not writable" in one_error_line(proc)
 
 
 # ---------------------------------------------------------------- putting a reported checkpoint back (no cluster)
@@ -327,8 +434,10 @@ def _reported(folder: Path, stage: str, step: int, sharded: bool) -> Path:
     """A reported checkpoint as the workers upload it: the manifest, the stage checkpoint and its metrics log."""
     rel = f"{stage}/last" if sharded else f"{stage}/last.pt"
     if sharded:
-        (folder / rel / f"step-{step:08d}" / "student").mkdir(parents=True)
-        (folder / rel / f"step-{step:08d}" / "student" / "shard.pt").write_text(f"step {step}")
+        step_folder = folder / rel / f"step-{step:08d}"
+        (step_folder / "student").mkdir(parents=True)
+        (step_folder / "student" / "shard.pt").write_text(f"step {step}")
+        write_manifest(step_folder)
         (folder / rel / "latest").write_text(f"step-{step:08d}\n")
     else:
         (folder / stage).mkdir(parents=True)
@@ -336,6 +445,11 @@ def _reported(folder: Path, stage: str, step: int, sharded: bool) -> Path:
     (folder / stage / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
     (folder / MANIFEST).write_text(json.dumps({"stage": stage, "step": step, "checkpoint": rel}))
     return folder
+
+
+def _damage(checkpoint: Path) -> None:
+    """Flip bytes in the checkpoint's file (a folder's shard)."""
+    flip_bytes(next(checkpoint.rglob("shard.pt")) if checkpoint.is_dir() else checkpoint, 2)
 
 
 @pytest.mark.parametrize("sharded", [True, False])
@@ -359,12 +473,38 @@ def test_restore_keeps_a_newer_checkpoint_and_replaces_an_older_or_broken_one(tm
 
     older = _reported(tmp_path / "old", "kd", 2, sharded)
     restore(saved, older, "checkpoint_x")
-    assert checkpoint_step(older / "kd" / ("last" if sharded else "last.pt")) == 4
+    target = older / "kd" / ("last" if sharded else "last.pt")
+    assert checkpoint_step(target) == 4
     if sharded:  # the older step's folder went with it
-        assert sorted(p.name for p in (older / "kd" / "last").iterdir()) == ["latest", "step-00000004"]
-    else:
-        broken = older / "kd" / "last.pt"
-        broken.write_bytes(b"not a checkpoint")
-        assert checkpoint_step(broken) is None
-        restore(saved, older, "checkpoint_x")
-        assert checkpoint_step(broken) == 4
+        assert sorted(p.name for p in target.iterdir()) == ["latest", "step-00000004"]
+
+    # A newer but corrupted checkpoint in the run folder is no reason to keep it.
+    broken = _reported(tmp_path / "broken", "kd", 6, sharded)
+    _damage(broken / "kd" / ("last" if sharded else "last.pt"))
+    with pytest.raises(CheckpointError, match="corrupted|not a readable checkpoint"):
+        checkpoint_step(broken / "kd" / ("last" if sharded else "last.pt"))
+    restore(saved, broken, "checkpoint_x")
+    assert checkpoint_step(broken / "kd" / ("last" if sharded else "last.pt")) == 4
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_corrupted_reported_copy_is_not_restored(tmp_path: Path, sharded: bool) -> None:
+    saved = _reported(tmp_path / "ray", "kd", 4, sharded)
+    _damage(saved / "kd" / ("last" if sharded else "last.pt"))
+    older = _reported(tmp_path / "old", "kd", 2, sharded)
+    restore(saved, older, "checkpoint_x")
+    assert checkpoint_step(older / "kd" / ("last" if sharded else "last.pt")) == 2
+
+
+def test_a_crafted_checkpoint_runs_nothing_on_restore(tmp_path: Path) -> None:
+    marker = tmp_path / "planted"
+    saved = _reported(tmp_path / "ray", "kd", 4, sharded=False)
+    torch.save({"state": {"step": 9}, "payload": Planted(marker)}, saved / "kd" / "last.pt")
+    older = _reported(tmp_path / "old", "kd", 2, sharded=False)
+    torch.save({"state": {"step": 8}, "payload": Planted(marker)}, older / "kd" / "last.pt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        checkpoint_step(older / "kd" / "last.pt")
+    restore(saved, older, "checkpoint_x")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="could run code"):  # neither copy was good: nothing was copied
+        checkpoint_step(older / "kd" / "last.pt")
