@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 VOCABS = (8192, 32768, 131072)
 TOKENS = (512, 2048)
@@ -84,6 +85,71 @@ def run_one(vocab: int, tokens: int, method: str, path: str) -> dict:
     return {"vocab": vocab, "tokens": tokens, "method": method, "path": path, "step_s": seconds,
             "step_cpu_s": cpu_seconds, "peak_rss_mb": peak, "step_mb": peak - before,
             "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- the [N, V] part alone (pytest-benchmark)
+
+HIDDEN = 64
+HEAD_DISTILL = {"alpha": 0.5, "temperature": 2.0}
+
+
+def make_head_inputs(n: int, v: int, seed: int = 0, device: str = "cpu") -> tuple:
+    """Final hidden states [n, d] and heads [v, d] of a student and a teacher, a tangent (dH, dW) of the
+    student's, and next-token labels with every 16th row ignored."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    head = HIDDEN**-0.5  # logits of unit scale
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::16] = -100
+    return (randn(n, HIDDEN), randn(v, HIDDEN, scale=head), randn(n, HIDDEN), randn(v, HIDDEN, scale=head),
+            randn(n, HIDDEN), randn(v, HIDDEN, scale=head), labels.to(device))
+
+
+def head_kd_step(h_s, w_s, h_t, w_t, dh, dw, labels, *, chunked: bool) -> tuple:
+    """The student's KD loss summed over tokens, forward + backward to its hidden states and head."""
+    from metadistil_scale.config import DistillConfig
+    from metadistil_scale.lm.chunked import HeadLogits
+    from metadistil_scale.losses import student_loss_sum
+
+    h, w = h_s.detach().requires_grad_(True), w_s.detach().requires_grad_(True)
+    student, teacher = HeadLogits(h, w), HeadLogits(h_t, w_t)
+    if not chunked:
+        student, teacher = student.materialize(), teacher.materialize()
+    student_loss_sum(student, teacher, labels, DistillConfig(**HEAD_DISTILL), regression=False).backward()
+    return h.grad, w.grad
+
+
+def head_cotangent_step(h_s, w_s, h_t, w_t, dh, dw, labels, *, chunked: bool) -> tuple:
+    """From u = dH W_sᵀ + H_s dWᵀ to J_tᵀ w at the teacher's hidden states and head: the meta cotangent w
+    and its push-back (meta.py's teacher_cotangent and contract)."""
+    import torch
+
+    from metadistil_scale.config import DistillConfig
+    from metadistil_scale.lm.chunked import HeadLogits
+    from metadistil_scale.losses import contract, tangent_from_jvp, teacher_cotangent
+
+    h, w = h_t.detach().requires_grad_(True), w_t.detach().requires_grad_(True)
+    teacher = HeadLogits(h, w)
+    tangent = tangent_from_jvp(HeadLogits(h_s, w_s), HeadLogits(dh, dw))
+    if not chunked:
+        all_rows = torch.arange(len(labels), device=labels.device)
+        teacher, tangent = teacher.materialize(), tangent.rows(all_rows)
+    cotangent = teacher_cotangent(teacher, tangent, None, DistillConfig(**HEAD_DISTILL), pilot_lr=1e-4,
+                                  n_rows=len(labels), regression=False, labels=labels)
+    contract(teacher, cotangent).backward()
+    return h.grad, w.grad
+
+
+# op -> (inputs of N tokens and vocabulary V, path -> step); peak_memory.py measures these
+OPS = {
+    op: (make_head_inputs, {"materialised": partial(fn, chunked=False), "chunked": partial(fn, chunked=True)})
+    for op, fn in (("lm_kd_loss", head_kd_step), ("lm_cotangent", head_cotangent_step))
+}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_step.py                       # MiniLM-L6 -> 3 layers, batch 32, length 128
     python benchmarks/bench_step.py --pair large          # a 12-layer x 384 teacher -> 6 layers
+    python benchmarks/bench_step.py --pair tiny           # a 4-layer x 128 teacher -> 2 layers
     python benchmarks/bench_step.py --batch 8 --length 32 --steps 2   # a quick look
 
-Peak memory is the process's peak resident set size (ru_maxrss) minus its resident size once the models,
+Peak memory is the process's peak resident set size (VmHWM) minus its resident size once the models,
 optimizers and batches exist, i.e. what the step itself adds (activations, graphs, gradients, optimizer
 state, pilot parameters). Times are the median over --steps steps after one warm-up step. Ratios are taken
 against `kd` measured in the same invocation.
@@ -24,6 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+from peak_memory import status_kib
 
 CONFIGS = {
     "finetune": {},
@@ -34,6 +38,9 @@ CONFIGS = {
     "metadistil fd fast": {"u_mode": "finite-difference", "schedule": "fast"},
     "unrolled": {"u_mode": "unrolled", "schedule": "lean"},
 }
+# BERT pairs with random weights: hidden size, teacher layers, heads, intermediate size; the student has half
+# the layers. "large" has MiniLM's width; "tiny" runs a MetaDistil step in a fraction of a second.
+RANDOM_PAIRS = {"large": (384, 12, 12, 1536), "tiny": (128, 4, 2, 512)}
 
 
 def rss_mb() -> float:
@@ -42,7 +49,12 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident size. Not ru_maxrss: after fork and exec that includes the parent's resident
+    size (pytest's, with its models, when the benchmarks measure a configuration)."""
+    try:
+        return status_kib("VmHWM") / 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(pair: str):
@@ -56,11 +68,12 @@ def build(pair: str):
     if pair == "minilm":
         teacher = load_classifier("embedded:minilm-l6", 2)
         student = load_classifier("embedded:minilm-l6", 2, num_layers=3)
-    else:  # a larger pair with the same width: random weights, same cost as a pretrained one
-        config = BertConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536,
-                            num_labels=2, attn_implementation="eager")
+    else:  # random weights, same cost as a pretrained pair of that shape
+        hidden, layers, heads, intermediate = RANDOM_PAIRS[pair]
+        config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=intermediate, num_labels=2, attn_implementation="eager")
         teacher = BertForSequenceClassification(copy.deepcopy(config))
-        config.num_hidden_layers = 6
+        config.num_hidden_layers = layers // 2
         student = BertForSequenceClassification(copy.deepcopy(config))
     return teacher, student
 
@@ -71,19 +84,23 @@ def torch_seed() -> None:
     torch.manual_seed(0)
 
 
-def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:
+def is_meta(name: str) -> bool:
+    return name not in ("finetune", "kd")
+
+
+def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> Callable[..., dict]:
+    """Models, optimizers and n_batches train and quiz batches for configuration `name`; returns
+    step(i, diagnostics=False), one training step on batch i % n_batches, giving the step's metrics."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from metadistil_scale.backends.torch_backend import TorchModel, retain_freed_host_memory
+    from metadistil_scale.backends.torch_backend import TorchModel
     from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
     from metadistil_scale.meta import MetaDistil
     from metadistil_scale.steps import finetune_step, kd_step
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if allocator == "retain":
-        retain_freed_host_memory()
     teacher, student = build(pair)
     g = torch.Generator().manual_seed(0)
 
@@ -92,47 +109,67 @@ def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator
                   "attention_mask": torch.ones(batch, length, dtype=torch.long)}
         return {"teacher": inputs, "student": inputs, "labels": torch.randint(0, 2, (batch,), generator=g)}
 
-    batches = [[make_batch()] for _ in range(steps + 2)]
-    quizzes = [[make_batch()] for _ in range(steps + 2)]
-    phases: list[dict] = []
+    batches = [[make_batch()] for _ in range(n_batches)]
+    quizzes = [[make_batch()] for _ in range(n_batches)]
     optim = OptimConfig(lr=1e-5, warmup_ratio=0.0)
     distill = DistillConfig()
     if name == "finetune":
         model = TorchModel(teacher.train(), optim, 100)
 
-        def step(i: int) -> None:
-            finetune_step(model, batches[i], "teacher", regression=False)
+        def step(i: int, diagnostics: bool = False) -> dict:
+            return finetune_step(model, batches[i % n_batches], "teacher", regression=False)
     elif name == "kd":
         t, s = TorchModel(teacher.eval(), None), TorchModel(student.train(), optim, 100)
 
-        def step(i: int) -> None:
-            kd_step(t, s, batches[i], distill, regression=False)
+        def step(i: int, diagnostics: bool = False) -> dict:
+            return kd_step(t, s, batches[i % n_batches], distill, regression=False)
     else:
         meta = MetaDistil(TorchModel(teacher.eval(), optim, 100), TorchModel(student.train(), optim, 100),
                           distill, MetaConfig(**CONFIGS[name]))
 
-        def step(i: int) -> None:
-            metrics = meta.step(batches[i], quizzes[i], diagnostics=i > steps)
-            phases.append({k[len("time_"):]: v for k, v in metrics.items() if k.startswith("time_")})
+        def step(i: int, diagnostics: bool = False) -> dict:
+            return meta.step(batches[i % n_batches], quizzes[i % n_batches], diagnostics=diagnostics)
+    return step
 
+
+def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:
+    import torch
+
+    from metadistil_scale.backends.torch_backend import retain_freed_host_memory
+
+    if allocator == "retain":
+        retain_freed_host_memory()
+    step = make_step(name, pair, batch, length, steps + 2)
+    phases: list[dict] = []
     base = rss_mb()
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        step(i)
+        metrics = step(i)
         times.append(time.perf_counter() - start)
+        phases.append({k[len("time_"):]: v for k, v in metrics.items() if k.startswith("time_")})
     row = {"config": name, "step_s": statistics.median(times[1:]), "peak_rss_mb": peak_rss_mb(),
            "base_rss_mb": base, "step_peak_mb": peak_rss_mb() - base, "threads": torch.get_num_threads()}
-    if phases:
-        step(steps + 1)  # one logged step, for the cost of the quiz-after diagnostic
-        row["quiz_after_s"] = phases.pop()["quiz_after"]
+    if is_meta(name):
+        # one logged step, for the cost of the quiz-after diagnostic
+        row["quiz_after_s"] = step(steps + 1, diagnostics=True)["time_quiz_after"]
         row["phases_s"] = {k: statistics.median(p[k] for p in phases[1:]) for k in phases[0]}
     return row
 
 
+def measure(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:
+    """run_one in a fresh process, so that its peak resident size is this configuration's alone."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--pair", pair, "--batch", str(batch),
+           "--length", str(length), "--steps", str(steps), "--cpu-allocator", allocator]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"configuration {name!r} failed\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=("minilm", "large"), default="minilm")
+    parser.add_argument("--pair", choices=("minilm", *RANDOM_PAIRS), default="minilm")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
@@ -147,13 +184,7 @@ def main() -> None:
 
     rows = []
     for name in args.configs:
-        cmd = [sys.executable, __file__, "--one", name, "--pair", args.pair, "--batch", str(args.batch),
-               "--length", str(args.length), "--steps", str(args.steps), "--cpu-allocator", args.cpu_allocator]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"configuration {name!r} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(measure(name, args.pair, args.batch, args.length, args.steps, args.cpu_allocator))
         print(f"  {name}: {rows[-1]['step_s']:.2f} s, +{rows[-1]['step_peak_mb']:.0f} MB", file=sys.stderr)
 
     by = {r["config"]: r for r in rows}
