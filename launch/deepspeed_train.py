@@ -33,15 +33,19 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from metadistil_scale import cli
     from metadistil_scale.backends import dist
+    from metadistil_scale.trainer import PLANNED_STOP_EXIT
 
     argv = strip_local_rank(sys.argv[1:] if argv is None else argv)
     # Join the group before anything else runs; DeepSpeed's initialiser serves both backends (NCCL on GPUs,
     # gloo on CPUs).
     dist.init_distributed(use_deepspeed=True)
     try:
-        return cli.main(argv)
+        code = cli.main(argv)
     finally:
         dist.destroy()
+    # A planned --stop-after is a success for the launcher: torchrun and deepspeed report any other code as a
+    # crashed rank (ChildFailedError and a traceback). The printed line says where the run stopped.
+    return 0 if code == PLANNED_STOP_EXIT else code
 
 
 if __name__ == "__main__":

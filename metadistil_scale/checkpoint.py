@@ -247,11 +247,23 @@ def verify_folder(folder: Path, rank: int = 0, world: int = 1) -> None:
 
 def check_fingerprint(state: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint written under another configuration, naming the keys that differ."""
-    saved = state.get("config", {})
-    differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+    saved, now = _flatten(state.get("config", {})), _flatten(expected)
+    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differing:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {expected.get(k)!r}" for k in differing[:5])
-        raise CheckpointError(f"{path} was written by another configuration ({details})")
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in differing[:5])
+        more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+        raise CheckpointError(f"{path} was written by another configuration ({details}{more})")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a refusal names the dotted config key, not a whole section."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def rng_state() -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         except StopRequested as stop:
             if is_main():
                 print(stop)
-            return 3
+            return stop.exit_code
         if is_main():  # every rank of a data-parallel run ends here with the same results
             print_table(results)
             print(f"results: {Path(cfg.output_dir) / 'results.json'}")
@@ -120,6 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a stage's loop, where there is nothing to checkpoint yet
+        print("error: interrupted before training started; nothing was checkpointed", file=sys.stderr)
+        return 130
+    except Exception as err:
+        output_dir = getattr(locals().get("cfg"), "output_dir", None)
+        if not _disk_full(err, output_dir):
+            raise
+        # The writers (torch.save, safetensors, DeepSpeed) each wrap ENOSPC their own way; say the cause.
+        print(f"error: no space left on device under {output_dir} ({type(err).__name__} while writing); "
+              "free some space and rerun with --resume", file=sys.stderr)
+        return 2
+
+
+def _disk_full(err: BaseException, output_dir: str | None) -> bool:
+    """Whether `err` (or what caused it) is a full disk: ENOSPC, or a writer's message for it, or no space left
+    where the run writes."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return output_dir is not None and shutil.disk_usage(output_dir).free < 1 << 20
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

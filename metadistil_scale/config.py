@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -177,6 +178,9 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # inf/nan pass every range check below and then cannot train (an infinite lr, infinite epochs).
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if hint in (int, float, str, bool):
         if isinstance(value, bool) and hint is not bool:
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
@@ -313,7 +317,7 @@ def _require(ok: bool, key: str, expected: str, got: Any) -> None:
 
 def _validate_optim(o: OptimConfig, key: str) -> None:
     _require(o.name in OPTIMIZERS, f"{key}.name", f"one of {OPTIMIZERS}", o.name)
-    _require(o.lr >= 0, f"{key}.lr", ">= 0", o.lr)
+    _require(o.lr > 0, f"{key}.lr", "> 0 (an lr of 0 trains nothing)", o.lr)
     _require(o.weight_decay >= 0, f"{key}.weight_decay", ">= 0", o.weight_decay)
     _require(0 <= o.momentum < 1, f"{key}.momentum", "in [0, 1)", o.momentum)
     _require(0 <= o.warmup_ratio < 1, f"{key}.warmup_ratio", "in [0, 1)", o.warmup_ratio)

@@ -34,7 +34,7 @@ from metadistil_scale.trainer import (
     evaluate,
     fine_tune_teacher,
     load_done,
-    load_task,
+    preflight,
     resolve_device,
     run_stage,
     stage_fingerprint,
@@ -72,12 +72,11 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     # Under the deepspeed launcher or torchrun every rank runs every stage; rank 0 alone writes and reports.
     check_distributed(cfg, dist.world_size())
     main = dist.is_main()
+    task = preflight(cfg)  # the splits depend on data.split_seed only: one task serves every seed
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if main:
         save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
-    task = load_task(cfg)  # the splits depend on data.split_seed only: one task serves every seed
     metric = primary_metric(task.info.metric)
 
     records = []

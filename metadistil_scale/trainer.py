@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,20 +28,61 @@ from metadistil_scale.backends import check_distributed, dist, make_model
 from metadistil_scale.backends.checkpointing import StageCheckpoint
 from metadistil_scale.backends.torch_backend import retain_freed_host_memory
 from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_write_text, seed_everything
-from metadistil_scale.config import IMAGE_TASKS, Config, StageConfig, config_to_dict, save_config
+from metadistil_scale.config import IMAGE_TASKS, Config, ConfigError, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.metrics import compute_metrics, primary_metric
-from metadistil_scale.models import load_model, load_saved_like, save_model, saved_model_exists
+from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
 from metadistil_scale.steps import finetune_step, kd_step
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+PLANNED_STOP_EXIT = 3  # the CLI's exit code after a --stop-after checkpoint
+
+
 class StopRequested(Exception):
-    """Raised after a checkpoint when `stop_after` steps are reached (a pre-empted job)."""
+    """Raised after a checkpoint when `stop_after` steps are reached or a stop signal came (a pre-empted job).
+
+    `exit_code` is 3 for a planned stop, 128 + the signal's number for SIGINT/SIGTERM (the shell's convention)."""
+
+    def __init__(self, message: str, exit_code: int = PLANNED_STOP_EXIT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask the running stage to stop at the next step boundary, after a checkpoint,
+    instead of dying mid-step; a second signal of the same kind interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signum:  # asked twice: stop now
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        """Whether any rank received a stop signal (a collective when several ranks run)."""
+        asked = self.received is not None
+        return dist.all_reduce_sum(float(asked)) > 0 if dist.world_size() > 1 else asked
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # Called on every rank right after a stage's `last` checkpoint is complete, with the stage's name, the
@@ -114,6 +158,48 @@ def load_task(cfg: Config) -> Task:
     return Task(splits, info, collate, teacher_tok, student_tok)
 
 
+def check_output_dir(path: Path) -> None:
+    """The run folder can be created and written (not a file, not under one, not read-only)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"output_dir: {folder} is a file, not a folder")
+            break
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror or err})") from err
+
+
+def preflight(cfg: Config) -> Task:
+    """Every check that can be made before work starts, then the task: the output folder is writable, the data
+    has rows enough for each stage, and the models' configs fit the task (label and layer counts, read from
+    their config files without loading weights)."""
+    check_output_dir(Path(cfg.output_dir))
+    task = load_task(cfg)
+    for split in ("dev", "test"):
+        if len(task.rows(split)) == 0:
+            raise ConfigError(f"data: the {split} split of {task.info.name!r} has no rows")
+    n_train = len(task.rows("train"))
+    stages = [("student_train", cfg.student_train)]
+    if cfg.model.teacher_checkpoint is None:
+        stages.append(("teacher_finetune", cfg.teacher_finetune))
+    for key, stage in stages:
+        if stage.batch_size > n_train:
+            raise ConfigError(f"{key}.batch_size: {stage.batch_size} is more than the {n_train} examples of the "
+                              f"train split (a step needs one full batch)")
+    if any(m.startswith("metadistil") for m in cfg.methods) and len(task.rows("quiz")) < dist.world_size():
+        raise ConfigError(f"data.quiz_fraction: the quiz split has {len(task.rows('quiz'))} examples, fewer than "
+                          f"the {dist.world_size()} ranks")
+    labels = task.info.num_labels
+    check_model(cfg.model.teacher_checkpoint or cfg.model.teacher, labels)
+    check_model(cfg.model.student, labels, num_layers=cfg.model.student_layers)
+    return task
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -150,13 +236,15 @@ class StageResult:
 
 def stage_fingerprint(cfg: Config, name: str, method: str) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed or reused: data, models, method, optimisation."""
+    # Keys are the config's own, so a refusal names the dotted key that differs; eval_every decides which step
+    # becomes the best checkpoint, so it is part of what a resumed run must keep.
     full = config_to_dict(cfg)
+    common = {"method": method, "seed": cfg.seed, "eval_every": cfg.eval_every, "data": full["data"],
+              "dtype": cfg.dtype}
     if name == "teacher":  # the teacher's fine-tuning depends on nothing of the student's
         model = {k: full["model"][k] for k in ("teacher", "attn_implementation")}
-        return {"method": method, "seed": cfg.seed, "data": full["data"], "stage": full["teacher_finetune"],
-                "model": model, "dtype": cfg.dtype}
-    return {"method": method, "seed": cfg.seed, "data": full["data"], "stage": full["student_train"],
-            "model": full["model"], "distill": full["distill"], "dtype": cfg.dtype,
+        return {**common, "teacher_finetune": full["teacher_finetune"], "model": model}
+    return {**common, "student_train": full["student_train"], "model": full["model"], "distill": full["distill"],
             "meta": full["meta"] if method.startswith("metadistil") else None}
 
 
@@ -249,7 +337,8 @@ def run_stage(
     student.train()
     start_time = time.perf_counter() - state["wall_time_s"]
     bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False, disable=not main)
-    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log:
+    # The bar is closed (its line cleared) however the loop ends, so an error prints on a line of its own.
+    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log, StopSignals() as signals, bar:
         while state["step"] < steps:
             step = state["step"]
             parts = to_device(stream(step), device)
@@ -287,11 +376,14 @@ def run_stage(
                 save_last()
                 if on_checkpoint is not None:
                     on_checkpoint(name, last.path, {**record, "best_dev": state["best_dev"], "steps": steps})
+            if state["step"] < steps and signals.should_stop():
+                save_last()
+                sig = signal.Signals(signals.received or signal.SIGTERM)
+                raise StopRequested(f"[{name}] {sig.name} received: stopped at step {state['step']}/{steps} with a "
+                                    "checkpoint; rerun the same command with --resume to continue", 128 + sig.value)
             if stop_after is not None and state["step"] >= stop_after and state["step"] < steps:
                 save_last()
-                bar.close()
                 raise StopRequested(f"[{name}] stopped at step {state['step']}/{steps}; rerun with --resume")
-    bar.close()
 
     # Test the best-on-dev weights (plain copies: rank 0 alone, then it tells the others).
     test = teacher_test = None
@@ -400,12 +492,11 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     dist.init_distributed(use_deepspeed=bool(cfg.deepspeed_teacher or cfg.deepspeed_student))
     check_distributed(cfg, dist.world_size())
     main = dist.is_main()
+    task = preflight(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if main:
         save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
-    task = load_task(cfg)
 
     teacher_dir, teacher_result = fine_tune_teacher(cfg, task, out, device, resume, stop_after, on_checkpoint)
     rows = []

@@ -112,7 +112,7 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, tiny_models):
     out = tmp_path / "run"
     with pytest.raises(StopRequested):
         train(tiny_config(out, teacher, student, "methods=[kd]"), stop_after=2)
-    with pytest.raises(CheckpointError, match=r"written by another configuration \(distill: checkpoint"):
+    with pytest.raises(CheckpointError, match=r"written by another configuration \(distill.temperature: checkpoint 5.0 vs now 2.0\)"):
         train(tiny_config(out, teacher, student, "methods=[kd]", "distill.temperature=2.0"), resume=True)
 
 

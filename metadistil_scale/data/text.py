@@ -281,7 +281,11 @@ def _read_local(data_files: dict[str, str], task: str, schema: _GlueSchema) -> d
         raise DataError(f"data_files for {task!r} needs a 'train' file")
     if "validation" not in files and "test" not in files:
         raise DataError(f"data_files for {task!r} needs a 'validation' file (or a labelled 'test' file)")
-    return {split: (_read_table(path), str(path)) for split, path in files.items()}
+    tables = {split: (_read_table(path), str(path)) for split, path in files.items()}
+    for table, path in tables.values():
+        if len(table) == 0:
+            raise DataError(f"{path}: no rows (a header alone, or an empty file)")
+    return tables
 
 
 def _read_table(path: str | Path) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metadistil_scale.models.cifar import build_cv_model
-from metadistil_scale.models.text import ModelError, load_classifier
+from metadistil_scale.models.text import ModelError, classifier_config, load_classifier
 
 CV_PREFIX = "cv:"
 CV_SPEC_FILE = "cv_model.json"
@@ -46,12 +46,26 @@ def load_model(
         return _build_cv({"arch": source[len(CV_PREFIX):], "num_classes": num_labels, "in_channels": in_channels},
                          dtype)
     if (Path(source) / CV_SPEC_FILE).is_file():
-        model = _load_cv(Path(source), dtype)
-        if model.cv_spec["num_classes"] != num_labels:
-            raise ModelError(f"{source}: the model has {model.cv_spec['num_classes']} classes, the task {num_labels}")
-        return model
+        check_model(source, num_labels)
+        return _load_cv(Path(source), dtype)
     return load_classifier(source, num_labels, num_layers=num_layers, attn_implementation=attn_implementation,
                            dtype=dtype)
+
+
+def check_model(source: str, num_labels: int, *, num_layers: int | None = None) -> None:
+    """What load_model would refuse (label count, layer count, an unreachable source), from config files only."""
+    if source.startswith(CV_PREFIX):
+        return  # built at the task's size
+    if (Path(source) / CV_SPEC_FILE).is_file():
+        spec_path = Path(source) / CV_SPEC_FILE
+        try:
+            classes = json.loads(spec_path.read_text())["num_classes"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ModelError(f"{spec_path}: not a CV model description ({type(err).__name__}: {err})") from err
+        if classes != num_labels:
+            raise ModelError(f"{source}: the model has {classes} classes, the task {num_labels}")
+        return
+    classifier_config(source, num_labels, num_layers=num_layers)
 
 
 def _load_cv(folder: Path, dtype: torch.dtype) -> nn.Module:
@@ -93,4 +107,4 @@ def load_saved_like(folder: Path, like: nn.Module) -> nn.Module:
     return model.to(param.device)
 
 
-__all__ = ["CV_PREFIX", "ModelError", "load_model", "load_saved_like", "save_model", "saved_model_exists"]
+__all__ = ["CV_PREFIX", "ModelError", "check_model", "load_model", "load_saved_like", "save_model", "saved_model_exists"]

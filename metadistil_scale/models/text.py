@@ -7,6 +7,7 @@ layers, with a fresh classification head.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -33,10 +34,22 @@ def resolve_source(source: str) -> str:
     return str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
 
 
+def _from_pretrained(loader, source: str, **kwargs):
+    """`loader.from_pretrained` with a hub/file failure said in one line that names the source."""
+    try:
+        return loader.from_pretrained(resolve_source(source), **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = "not a local model folder, and the hub is off (HF_HUB_OFFLINE=1)" if offline else \
+            "not a local model folder, and the hub could not provide it"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{source}: {where} ({first_line})") from err
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_source(source))
+    return _from_pretrained(AutoTokenizer, source)
 
 
 def _layer_count_key(config) -> str:
@@ -55,12 +68,21 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """An AutoModelForSequenceClassification from `source`, optionally keeping only its first layers."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    path = resolve_source(source)
+    config = classifier_config(source, num_labels, num_layers=num_layers)
+    return _from_pretrained(AutoModelForSequenceClassification, source, config=config,
+                            attn_implementation=attn_implementation, dtype=dtype)
+
+
+def classifier_config(source: str, num_labels: int, *, num_layers: int | None = None):
+    """The config a classifier from `source` will be built with, checked against the task and the layer count;
+    reads the config file only, so a run can be refused before any weights are loaded."""
+    from transformers import AutoConfig
+
     # A fresh config object per model: two models built from one shared config would share
     # attn_implementation and layer counts.
-    config = copy.deepcopy(AutoConfig.from_pretrained(path))
+    config = copy.deepcopy(_from_pretrained(AutoConfig, source))
     if getattr(config, "num_labels", None) not in (None, num_labels) and _is_finetuned(config):
         raise ModelError(f"{source}: the model was trained with {config.num_labels} labels, the task has {num_labels}")
     config.num_labels = num_labels
@@ -69,12 +91,10 @@ def load_classifier(
         key = _layer_count_key(config)
         available = getattr(config, key)
         if num_layers > available:
-            raise ModelError(f"{source}: asked for {num_layers} layers, the model has {available}")
+            raise ModelError(f"{source}: asked for {num_layers} layers (model.student_layers), "
+                             f"the model has {available}")
         setattr(config, key, num_layers)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, attn_implementation=attn_implementation, dtype=dtype
-    )
-    return model
+    return config
 
 
 def _is_finetuned(config) -> bool:
