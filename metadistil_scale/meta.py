@@ -45,6 +45,12 @@ from metadistil_scale.steps import Batch, count_rows, kd_step
 Params = dict[str, torch.Tensor]
 
 
+def teacher_update_steps(meta: MetaConfig, steps: int) -> range:
+    """The (0-based) steps of a `steps`-step run at which the teacher is meta-updated: every `interval` steps
+    after `frozen_steps`. Its lr schedule spans these updates, not the run's steps."""
+    return range(meta.frozen_steps, steps, meta.interval)
+
+
 class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

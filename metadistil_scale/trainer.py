@@ -31,7 +31,7 @@ from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_writ
 from metadistil_scale.config import IMAGE_TASKS, Config, ConfigError, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
-from metadistil_scale.meta import MetaDistil
+from metadistil_scale.meta import MetaDistil, teacher_update_steps
 from metadistil_scale.metrics import compute_metrics, primary_metric
 from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
@@ -290,7 +290,7 @@ def run_stage(
     if teacher is not None:
         teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
         # Its schedule (warmup, decays) spans its own updates: every `interval` steps after `frozen_steps`.
-        teacher_updates = len(range(cfg.meta.frozen_steps, steps, cfg.meta.interval))
+        teacher_updates = len(teacher_update_steps(cfg.meta, steps))
         teacher_model = make_model(teacher, cfg.meta.teacher_optim if trains_teacher else None,
                                    max(1, teacher_updates), ds_config=cfg.deepspeed_teacher,
                                    ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)

@@ -411,3 +411,31 @@ def test_lm_train_cli_runs_each_method_and_refuses_a_foreign_tokenizer(tmp_path,
                  "--set", f"model.student={foreign}"])
     assert code == 2
     assert "teacher and student tokenizers differ" in capsys.readouterr().err
+
+
+def test_teacher_lr_schedule_spans_its_updates(tmp_path, monkeypatch):
+    """With meta.interval=4 the teacher steps every 4th step after frozen_steps: its linear schedule (no
+    warmup) is sized by those updates, so its lr reaches 0 with the last one."""
+    from metadistil_scale.lm import recipe
+
+    lrs: list[float] = []
+
+    class Recording(recipe.MetaDistil):
+        def step(self, parts, quiz, *, update_teacher=True, **kwargs):
+            record = super().step(parts, quiz, update_teacher=update_teacher, **kwargs)
+            if update_teacher:
+                lrs.append(self.teacher.lr)
+            return record
+
+    monkeypatch.setattr(recipe, "MetaDistil", Recording)
+    lr = 1e-3
+    cfg = recipe.load_lm_config(None, [
+        "student_train.max_steps=10", "student_train.batch_size=2", "meta.interval=4", "meta.frozen_steps=1",
+        "meta.quiz_batch_size=2", f"meta.teacher_optim.lr={lr}", "meta.teacher_optim.warmup_ratio=0",
+        "meta.teacher_optim.schedule=linear", "model.chunk_rows=5", "eval_batch_size=4", "log_every=100"])
+    splits = {"train": rows("packed", 12, seed=1), "quiz": rows("packed", 6, seed=2),
+              "heldout": rows("packed", 4, seed=3)}
+    teacher, student = pair()
+    recipe.train_method("metadistil", cfg, teacher, student, splits, torch.device("cpu"), tmp_path / "log.jsonl")
+    # Updates at steps 1, 5 and 9: the lr after each is 2/3, 1/3 and 0 of the base lr.
+    assert lrs == pytest.approx([lr * 2 / 3, lr / 3, 0.0], abs=1e-15)

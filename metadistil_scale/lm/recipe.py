@@ -50,7 +50,7 @@ from metadistil_scale.lm.models import (
     select_layers,
     student_from_layers,
 )
-from metadistil_scale.meta import MetaDistil
+from metadistil_scale.meta import MetaDistil, teacher_update_steps
 from metadistil_scale.steps import finetune_step, kd_step
 from metadistil_scale.trainer import DTYPES, BatchStream, resolve_device, to_device
 
@@ -211,12 +211,14 @@ def train_method(
     stage = cfg.student_train
     steps = stage.max_steps or max(1, math.ceil(stage.epochs * (len(splits["train"]) // stage.batch_size)))
     trains_teacher = method.startswith("metadistil")
+    updates = teacher_update_steps(cfg.meta, steps)
     student = TorchModel(wrap(copy.deepcopy(base_student), cfg), stage.optim, steps)
     teacher = None
     if method != "finetune":
         teacher_lm = copy.deepcopy(base_teacher) if trains_teacher else base_teacher
         teacher_lm.eval()
-        teacher = TorchModel(wrap(teacher_lm, cfg), cfg.meta.teacher_optim if trains_teacher else None, steps)
+        teacher = TorchModel(wrap(teacher_lm, cfg), cfg.meta.teacher_optim if trains_teacher else None,
+                             max(1, len(updates)))
     stream = _stream(splits["train"], stage.batch_size, cfg.seed, stage.micro_batch_size)
     meta = quiz_stream = pilot_stream = None
     if trains_teacher:
@@ -236,7 +238,7 @@ def train_method(
             elif method == "kd":
                 record = kd_step(teacher, student, parts, cfg.distill, regression=False)
             else:
-                update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
+                update = step in updates
                 quiz = to_device(quiz_stream(step), device) if update else []
                 pilot = to_device(pilot_stream(step), device) if update and pilot_stream else None
                 logged = (step + 1) % cfg.log_every == 0 or step + 1 == steps
