@@ -4,16 +4,18 @@ An op is ``MODULE.OPS[op] = (make_inputs(n, v, seed=0, device="cpu"), {impl: ste
 the benchmark modules beside this file (bench_kernels, bench_lm).
 
 CPU: torch has no allocator statistics, so each (op, implementation, size) runs in a fresh subprocess
-(``python peak_memory.py MODULE OP IMPL N V``) that builds its inputs, warms up on 8 rows, resets the
-kernel's resident-set high-water mark (/proc/self/clear_refs) and reports VmHWM - VmRSS-before-the-step
-(falling back to ru_maxrss where the reset is unavailable). It counts everything the step keeps or frees
-on the way, including its results (gradients, w) themselves.
+(``python peak_memory.py MODULE OP IMPL N V``) that builds its inputs, warms up on 8 rows, returns the
+heap's free pages to the OS (malloc_trim), resets the kernel's resident-set high-water mark
+(/proc/self/clear_refs) and reports VmHWM - VmRSS-before-the-step (falling back to ru_maxrss where the
+reset is unavailable). It counts everything the step keeps or frees on the way, including its results
+(gradients, w) themselves.
 CUDA: the allocator's own peak (torch.cuda.max_memory_allocated) above what was allocated before, in this
 process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -39,8 +41,17 @@ def _op(module: str, op: str, impl: str, n: int, v: int, device: str):
     return step, inputs
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so that a step reusing them shows in the peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _measure_in_this_process(module: str, op: str, impl: str, n: int, v: int) -> dict:
     step, inputs = _op(module, op, impl, n, v, "cpu")
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
