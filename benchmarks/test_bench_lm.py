@@ -1,8 +1,8 @@
 """Causal-LM distillation at vocabulary scale, chunked (lm/chunked.py) against materialised [N, V] logits.
 
-The [N, V] part of a step alone, for N tokens with hidden size 64: the student's KD loss (forward + backward to
-its final hidden states and head) and the meta cotangent (u from its factors to J_tᵀ w at the teacher's hidden
-states and head). 1024 x 32768 is 8 chunks of 4M logits. The ops are bench_lm.py's; whole LM steps are
+The [N, V] part of a step alone, for N tokens with hidden size 64: the student's KD loss (forward + backward
+to its final hidden states and head) and the meta cotangent (u from its factors to J_tᵀ w at the teacher's
+hidden states and head). 1024 x 32768 is 8 chunks of 4M logits. The ops are bench_lm.py's; whole LM steps are
 `python benchmarks/bench_lm.py`'s.
 """
 
