@@ -310,96 +310,102 @@ def config_fingerprint(obj: Any) -> str:
 # ---------------------------------------------------------------- validation
 
 
-def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+def require(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
-def _validate_optim(o: OptimConfig, key: str) -> None:
-    _require(o.name in OPTIMIZERS, f"{key}.name", f"one of {OPTIMIZERS}", o.name)
-    _require(o.lr > 0, f"{key}.lr", "> 0 (an lr of 0 trains nothing)", o.lr)
-    _require(o.weight_decay >= 0, f"{key}.weight_decay", ">= 0", o.weight_decay)
-    _require(0 <= o.momentum < 1, f"{key}.momentum", "in [0, 1)", o.momentum)
-    _require(0 <= o.warmup_ratio < 1, f"{key}.warmup_ratio", "in [0, 1)", o.warmup_ratio)
-    _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"{key}.max_grad_norm", "> 0 or null", o.max_grad_norm)
-    _require(o.schedule in LR_SCHEDULES, f"{key}.schedule", f"one of {LR_SCHEDULES}", o.schedule)
-    _require(all(0 < m < 1 for m in o.milestones) and o.milestones == sorted(set(o.milestones)),
-             f"{key}.milestones", "increasing fractions in (0, 1)", o.milestones)
-    _require(0 < o.gamma <= 1, f"{key}.gamma", "in (0, 1]", o.gamma)
+def validate_optim(o: OptimConfig, key: str) -> None:
+    require(o.name in OPTIMIZERS, f"{key}.name", f"one of {OPTIMIZERS}", o.name)
+    require(o.lr > 0, f"{key}.lr", "> 0 (an lr of 0 trains nothing)", o.lr)
+    require(o.weight_decay >= 0, f"{key}.weight_decay", ">= 0", o.weight_decay)
+    require(0 <= o.momentum < 1, f"{key}.momentum", "in [0, 1)", o.momentum)
+    require(0 <= o.warmup_ratio < 1, f"{key}.warmup_ratio", "in [0, 1)", o.warmup_ratio)
+    require(o.max_grad_norm is None or o.max_grad_norm > 0, f"{key}.max_grad_norm", "> 0 or null", o.max_grad_norm)
+    require(o.schedule in LR_SCHEDULES, f"{key}.schedule", f"one of {LR_SCHEDULES}", o.schedule)
+    require(all(0 < m < 1 for m in o.milestones) and o.milestones == sorted(set(o.milestones)),
+            f"{key}.milestones", "increasing fractions in (0, 1)", o.milestones)
+    require(0 < o.gamma <= 1, f"{key}.gamma", "in (0, 1]", o.gamma)
 
 
-def _validate_stage(s: StageConfig, key: str) -> None:
-    _require(s.batch_size >= 1, f"{key}.batch_size", ">= 1", s.batch_size)
+def validate_stage(s: StageConfig, key: str) -> None:
+    require(s.batch_size >= 1, f"{key}.batch_size", ">= 1", s.batch_size)
     if s.micro_batch_size is not None:
-        _require(
+        require(
             1 <= s.micro_batch_size <= s.batch_size and s.batch_size % s.micro_batch_size == 0,
             f"{key}.micro_batch_size",
             f"a divisor of batch_size={s.batch_size}",
             s.micro_batch_size,
         )
-    _require(s.epochs > 0, f"{key}.epochs", "> 0", s.epochs)
-    _require(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", ">= 1 or null", s.max_steps)
-    _validate_optim(s.optim, f"{key}.optim")
+    require(s.epochs > 0, f"{key}.epochs", "> 0", s.epochs)
+    require(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", ">= 1 or null", s.max_steps)
+    validate_optim(s.optim, f"{key}.optim")
+
+
+def validate_distill(d: DistillConfig, key: str = "distill") -> None:
+    require(0 <= d.alpha <= 1, f"{key}.alpha", "in [0, 1]", d.alpha)
+    require(0.05 <= d.temperature <= 100, f"{key}.temperature", "in [0.05, 100]", d.temperature)
+    require(d.soft_loss in SOFT_LOSSES, f"{key}.soft_loss", f"one of {SOFT_LOSSES}", d.soft_loss)
+
+
+def validate_meta(m: MetaConfig, key: str = "meta") -> None:
+    require(m.pilot_lr > 0, f"{key}.pilot_lr", "> 0", m.pilot_lr)
+    require(m.u_mode in U_MODES, f"{key}.u_mode", f"one of {U_MODES}", m.u_mode)
+    require(m.schedule in SCHEDULES, f"{key}.schedule", f"one of {SCHEDULES}", m.schedule)
+    require(m.fd_epsilon > 0, f"{key}.fd_epsilon", "> 0", m.fd_epsilon)
+    require(m.teacher_ce_weight >= 0, f"{key}.teacher_ce_weight", ">= 0", m.teacher_ce_weight)
+    require(m.interval >= 1, f"{key}.interval", ">= 1", m.interval)
+    require(m.frozen_steps >= 0, f"{key}.frozen_steps", ">= 0", m.frozen_steps)
+    require(m.quiz_batch_size >= 1, f"{key}.quiz_batch_size", ">= 1", m.quiz_batch_size)
+    validate_optim(m.teacher_optim, f"{key}.teacher_optim")
 
 
 def validate(c: Config) -> None:
-    _require(len(c.methods) > 0, "methods", "at least one method", c.methods)
+    require(len(c.methods) > 0, "methods", "at least one method", c.methods)
     for i, m in enumerate(c.methods):
-        _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
-    _require(len(set(c.methods)) == len(c.methods), "methods", "no repeated method", c.methods)
-    _require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
-             c.seeds)
-    _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
-    _require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
-    _require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
+        require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    require(len(set(c.methods)) == len(c.methods), "methods", "no repeated method", c.methods)
+    require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
+            c.seeds)
+    require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
+    require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
     for key in ("eval_batch_size", "eval_every", "log_every"):
-        _require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
+        require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
     d = c.data
     for key in ("dev_fraction", "test_fraction", "quiz_fraction"):
-        _require(0 < getattr(d, key) < 1, f"data.{key}", "in (0, 1)", getattr(d, key))
-    _require(d.dev_fraction + d.test_fraction < 0.9, "data.dev_fraction", "dev + test fractions < 0.9", d.dev_fraction)
-    _require(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
+        require(0 < getattr(d, key) < 1, f"data.{key}", "in (0, 1)", getattr(d, key))
+    require(d.dev_fraction + d.test_fraction < 0.9, "data.dev_fraction", "dev + test fractions < 0.9", d.dev_fraction)
+    require(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
     for key in ("max_train_examples", "max_eval_examples"):
         v = getattr(d, key)
-        _require(v is None or v >= 1, f"data.{key}", ">= 1 or null", v)
+        require(v is None or v >= 1, f"data.{key}", ">= 1 or null", v)
     image = d.task in IMAGE_TASKS
     for split, file in (d.data_files or {}).items():
         if image:  # one archive or folder holds every split of an image data set
-            _require(split == "train", f"data.data_files.{split}", "only the key 'train' for an image task", split)
+            require(split == "train", f"data.data_files.{split}", "only the key 'train' for an image task", split)
             if not Path(file).exists():
                 raise ConfigError(f"data.data_files.{split}: file or folder not found: {file}")
             continue
-        _require(split in ("train", "validation", "test"), f"data.data_files.{split}", "train, validation or test", split)
+        require(split in ("train", "validation", "test"), f"data.data_files.{split}", "train, validation or test", split)
         if not Path(file).is_file():
             raise ConfigError(f"data.data_files.{split}: file not found: {file}")
     m = c.model
-    _require(m.student_layers is None or m.student_layers >= 1, "model.student_layers", ">= 1 or null", m.student_layers)
+    require(m.student_layers is None or m.student_layers >= 1, "model.student_layers", ">= 1 or null", m.student_layers)
     for key in ("teacher", "student"):
         _check_model_source(getattr(m, key), f"model.{key}")
         is_cv = getattr(m, key).startswith("cv:")
-        _require(is_cv == image, f"model.{key}", f"a 'cv:<name>' source for the image task {d.task!r}" if image
-                 else f"a text model for the text task {d.task!r} ('cv:' sources need {' or '.join(IMAGE_TASKS)})",
-                 getattr(m, key))
+        require(is_cv == image, f"model.{key}", f"a 'cv:<name>' source for the image task {d.task!r}" if image
+                else f"a text model for the text task {d.task!r} ('cv:' sources need {' or '.join(IMAGE_TASKS)})",
+                getattr(m, key))
     if image:  # CNNs are built at their named depth
-        _require(m.student_layers is None, "model.student_layers", "null for a 'cv:' student", m.student_layers)
+        require(m.student_layers is None, "model.student_layers", "null for a 'cv:' student", m.student_layers)
     if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
         raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
-    k = c.distill
-    _require(0 <= k.alpha <= 1, "distill.alpha", "in [0, 1]", k.alpha)
-    _require(0.05 <= k.temperature <= 100, "distill.temperature", "in [0.05, 100]", k.temperature)
-    _require(k.soft_loss in SOFT_LOSSES, "distill.soft_loss", f"one of {SOFT_LOSSES}", k.soft_loss)
-    mc = c.meta
-    _require(mc.pilot_lr > 0, "meta.pilot_lr", "> 0", mc.pilot_lr)
-    _require(mc.u_mode in U_MODES, "meta.u_mode", f"one of {U_MODES}", mc.u_mode)
-    _require(mc.schedule in SCHEDULES, "meta.schedule", f"one of {SCHEDULES}", mc.schedule)
-    _require(mc.fd_epsilon > 0, "meta.fd_epsilon", "> 0", mc.fd_epsilon)
-    _require(mc.teacher_ce_weight >= 0, "meta.teacher_ce_weight", ">= 0", mc.teacher_ce_weight)
-    _require(mc.interval >= 1, "meta.interval", ">= 1", mc.interval)
-    _require(mc.frozen_steps >= 0, "meta.frozen_steps", ">= 0", mc.frozen_steps)
-    _require(mc.quiz_batch_size >= 1, "meta.quiz_batch_size", ">= 1", mc.quiz_batch_size)
-    _validate_optim(mc.teacher_optim, "meta.teacher_optim")
-    _validate_stage(c.teacher_finetune, "teacher_finetune")
-    _validate_stage(c.student_train, "student_train")
+    validate_distill(c.distill)
+    validate_meta(c.meta)
+    validate_stage(c.teacher_finetune, "teacher_finetune")
+    validate_stage(c.student_train, "student_train")
     for key in ("deepspeed_teacher", "deepspeed_student"):
         v = getattr(c, key)
         if v is not None and not Path(v).is_file():
@@ -410,7 +416,7 @@ def _check_model_source(source: str, key: str) -> None:
     if source.startswith("cv:"):
         from metadistil_scale.models.cifar import CV_MODELS
 
-        _require(source[3:] in CV_MODELS, key, f"cv:<name> with a name in {', '.join(CV_MODELS)}", source)
+        require(source[3:] in CV_MODELS, key, f"cv:<name> with a name in {', '.join(CV_MODELS)}", source)
         return
     if source == EMBEDDED_MINILM:
         return

@@ -117,3 +117,18 @@ def test_exponent_without_a_dot_is_a_float_in_recipes_and_overrides(tmp_path):
     path.write_text("meta:\n  pilot_lr: 1e-4\n")
     assert load_config(path).meta.pilot_lr == 1e-4
     assert load_config(None, ["meta.teacher_optim={lr: 3e-6}"]).meta.teacher_optim.lr == 3e-6
+
+
+@pytest.mark.parametrize("command", ["train", "lm-train"])
+@pytest.mark.parametrize("override", ["meta.interval=0", "meta.frozen_steps=-1", "meta.schedule=slow",
+                                      "distill.temperature=0", "log_every=0"])
+def test_shared_keys_are_checked_for_both_task_kinds(command, override, tmp_path, capsys):
+    """One set of checks for the keys both configs have (meta, distill, logging): refused in one line
+    naming the key, before any folder is made."""
+    out = tmp_path / "run"
+    # The LM recipe does not check its teacher's path: a missing one fails fast should a check be missed.
+    teacher = ["--set", f"model.teacher={tmp_path / 'no_teacher'}"] if command == "lm-train" else []
+    code = main([command, "--output-dir", str(out), "--set", override, *teacher])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.startswith(f"error: {override.split('=')[0]}: expected") and len(err.splitlines()) == 1

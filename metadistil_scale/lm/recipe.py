@@ -33,10 +33,11 @@ from metadistil_scale.config import (
     OptimConfig,
     StageConfig,
     _build,
-    _require,
-    _validate_optim,
-    _validate_stage,
     read_raw_config,
+    require,
+    validate_distill,
+    validate_meta,
+    validate_stage,
 )
 from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
 from metadistil_scale.lm.data import EMBEDDED_KJV, LMRows, build_splits
@@ -112,27 +113,25 @@ def load_lm_config(path: str | Path | None = None, overrides: list[str] | None =
 
 
 def validate_lm(c: LMConfig) -> None:
-    _require(len(c.methods) > 0, "methods", "at least one method", c.methods)
+    require(len(c.methods) > 0, "methods", "at least one method", c.methods)
     for i, m in enumerate(c.methods):
-        _require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
-    _require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
-    _require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
-    _require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
-    _require(c.eval_batch_size >= 1, "eval_batch_size", ">= 1", c.eval_batch_size)
+        require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
+    require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
+    require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
+    for key in ("eval_batch_size", "log_every"):
+        require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
     d = c.data
-    _require(d.seq_len >= 2, "data.seq_len", ">= 2", d.seq_len)
+    require(d.seq_len >= 2, "data.seq_len", ">= 2", d.seq_len)
     for key in ("quiz_fraction", "heldout_fraction"):
-        _require(0 < getattr(d, key) < 0.5, f"data.{key}", "in (0, 0.5)", getattr(d, key))
-    _require(d.sample_by in ("line", "paragraph", "document"), "data.sample_by", "line, paragraph or document",
-             d.sample_by)
+        require(0 < getattr(d, key) < 0.5, f"data.{key}", "in (0, 0.5)", getattr(d, key))
+    require(d.sample_by in ("line", "paragraph", "document"), "data.sample_by", "line, paragraph or document",
+            d.sample_by)
     m = c.model
-    _require(m.chunk_rows is None or m.chunk_rows >= 1, "model.chunk_rows", ">= 1 or null", m.chunk_rows)
-    _require(c.distill.soft_loss in ("kl", "mse"), "distill.soft_loss", "kl or mse", c.distill.soft_loss)
-    _require(0 <= c.distill.alpha <= 1, "distill.alpha", "in [0, 1]", c.distill.alpha)
-    _require(c.meta.u_mode in ("jvp", "finite-difference", "unrolled"), "meta.u_mode",
-             "jvp, finite-difference or unrolled", c.meta.u_mode)
-    _validate_optim(c.meta.teacher_optim, "meta.teacher_optim")
-    _validate_stage(c.student_train, "student_train")
+    require(m.chunk_rows is None or m.chunk_rows >= 1, "model.chunk_rows", ">= 1 or null", m.chunk_rows)
+    validate_distill(c.distill)
+    validate_meta(c.meta)
+    validate_stage(c.student_train, "student_train")
 
 
 # ---------------------------------------------------------------- models and evaluation
