@@ -259,11 +259,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def shipped_recipes() -> Path:
+    """The folder of the recipes shipped with the package: configs/ installs as metadistil_scale/configs, and a
+    source checkout has it beside the package."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else installed.parents[1] / "configs"
+
+
 def read_raw_config(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
-    """A recipe file (optional) with dotted overrides applied: the raw mapping a config class is built from."""
+    """A recipe file (optional) with dotted overrides applied: the raw mapping a config class is built from.
+    A bare name that is not a file here (`glue_sst2`) is the shipped recipe of that name."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and path.parent == Path("."):
+            shipped = shipped_recipes() / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+            if not shipped.is_file():
+                names = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
+                raise ConfigError(f"config file not found: {path} (nor a shipped recipe: {names})")
+            path = shipped
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

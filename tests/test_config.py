@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -132,3 +134,32 @@ def test_shared_keys_are_checked_for_both_task_kinds(command, override, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert err.startswith(f"error: {override.split('=')[0]}: expected") and len(err.splitlines()) == 1
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_package_data_patterns_match_files() -> None:
+    """Every package-data pattern in pyproject.toml ships files (a dead pattern installs nothing silently)."""
+    tomllib = pytest.importorskip("tomllib")
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dir = tool["package-dir"]
+    assert tool["package-data"]
+    for package, patterns in tool["package-data"].items():
+        assert package in tool["packages"]
+        folder = REPO / package_dir.get(package, package.replace(".", "/"))
+        for pattern in patterns:
+            assert list(folder.glob(pattern)), f"{package}: {pattern} matches no file under {folder}"
+
+
+def test_a_bare_recipe_name_is_a_shipped_recipe(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    shipped = load_config(REPO / "configs" / "glue_sst2.yaml")
+    assert load_config("glue_sst2") == shipped and load_config("glue_sst2.yaml") == shipped
+    from metadistil_scale.lm.recipe import load_lm_config
+
+    assert load_lm_config("lm_smollm2_kjv") == load_lm_config(REPO / "configs" / "lm_smollm2_kjv.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: glue_sst3 \(nor a shipped recipe: .*glue_sst2"):
+        load_config("glue_sst3")
+    with pytest.raises(ConfigError, match=r"config file not found: sub/glue_sst2.yaml$"):
+        load_config("sub/glue_sst2.yaml")  # a path is only ever a path
