@@ -260,8 +260,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def shipped_recipes() -> Path:
-    """The folder of the recipes shipped with the package: configs/ installs as metadistil_scale/configs, and a
-    source checkout has it beside the package."""
+    """The folder of the recipes shipped with the package: configs/ installs as metadistil_scale/configs,
+    and a source checkout has it beside the package."""
     installed = Path(__file__).resolve().parent / "configs"
     return installed if installed.is_dir() else installed.parents[1] / "configs"
 

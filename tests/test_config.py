@@ -159,7 +159,7 @@ def test_a_bare_recipe_name_is_a_shipped_recipe(tmp_path, monkeypatch) -> None:
     from metadistil_scale.lm.recipe import load_lm_config
 
     assert load_lm_config("lm_smollm2_kjv") == load_lm_config(REPO / "configs" / "lm_smollm2_kjv.yaml")
-    with pytest.raises(ConfigError, match=r"config file not found: glue_sst3 \(nor a shipped recipe: .*glue_sst2"):
+    with pytest.raises(ConfigError, match=r"not found: glue_sst3 \(nor a shipped recipe: .*glue_sst2"):
         load_config("glue_sst3")
     with pytest.raises(ConfigError, match=r"config file not found: sub/glue_sst2.yaml$"):
         load_config("sub/glue_sst2.yaml")  # a path is only ever a path

@@ -436,6 +436,6 @@ def test_teacher_lr_schedule_spans_its_updates(tmp_path, monkeypatch):
     splits = {"train": rows("packed", 12, seed=1), "quiz": rows("packed", 6, seed=2),
               "heldout": rows("packed", 4, seed=3)}
     teacher, student = pair()
-    recipe.train_method("metadistil", cfg, teacher, student, splits, torch.device("cpu"), tmp_path / "log.jsonl")
+    recipe.train_method("metadistil", cfg, teacher, student, splits, torch.device("cpu"), tmp_path / "log")
     # Updates at steps 1, 5 and 9: the lr after each is 2/3, 1/3 and 0 of the base lr.
     assert lrs == pytest.approx([lr * 2 / 3, lr / 3, 0.0], abs=1e-15)
