@@ -1,4 +1,4 @@
-"""Teacher-logit cotangent of the MetaDistil meta-gradient (DESIGN section 2), fused per row.
+"""Teacher-logit cotangent of the MetaDistil meta-gradient (docs/metagrad.md §2), fused per row.
 
     kl:  w = scale * p*(u - <p,u>)                      p = softmax(z_t/T), u = J_s v
     mse: r = q*(u - <q,u>),  w = scale * p*(r - <p,r>)   q = softmax(z_s/T)

@@ -98,7 +98,7 @@ def meta_cotangent_reference(
     soft_loss: str = "kl",
     student_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Teacher-logit cotangent w of the MetaDistil meta-gradient (DESIGN section 2), per row.
+    """Teacher-logit cotangent w of the MetaDistil meta-gradient (docs/metagrad.md §2), per row.
 
     kl:  w = scale * p*(u - <p,u>)
     mse: r = q*(u - <q,u>),  w = scale * p*(r - <p,r>)

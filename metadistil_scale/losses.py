@@ -80,7 +80,7 @@ def teacher_cotangent(
     regression: bool,
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor | HeadCotangent:
-    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (DESIGN §2; the mse form is derived in meta.py).
+    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (each form derived in docs/metagrad.md §2).
     Rows labelled -100 have no loss, hence w = 0 there."""
     if regression:
         # soft = (s − t)²  ⇒  ⟨∇_s, u⟩ = 2(1−α)/N (s − t)·u  ⇒  −λ ∂/∂t = 2λ(1−α)/N · u

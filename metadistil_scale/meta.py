@@ -1,18 +1,18 @@
 """The MetaDistil step (Zhou, Xu & McAuley, ACL 2022), with the teacher's meta-gradient computed without a
 second-order graph.
 
-One step on a train batch x (DESIGN.md §1):
+One step on a train batch x (docs/metagrad.md §1):
   1. pilot:   θs' = θs − λ·∇θs L_S(θs; θt, x)                         (plain SGD, as the official code)
   2. teacher: θt ← Opt(θt, ∇θt CE(f_s(xq; θs'(θt)), yq))              (quiz batch xq held out of train)
   3. student: θs ← Opt(θs, ∇θs L_S(θs; θt_new, x))                    (same x, updated teacher)
 
-The meta-gradient of step 2, exactly (DESIGN.md §2): with v = ∇θs' CE(f_s(xq; θs'), yq), u = J_s(θs; x)·v and
-p = softmax(z_t/T),
+The meta-gradient of step 2, exactly (docs/metagrad.md §2): with v = ∇θs' CE(f_s(xq; θs'), yq),
+u = J_s(θs; x)·v and p = softmax(z_t/T),
     kl:  w = λ(1−α)/N · p ⊙ (u − ⟨p, u⟩)
     mse: w = 2λ(1−α)/(N·T²) · p ⊙ (r − ⟨p, r⟩),  r = q ⊙ (u − ⟨q, u⟩),  q = softmax(z_s/T)
     ∇θt L_meta = J_t(θt; x)ᵀ · w                                       (one teacher backward)
-The mse form: soft = Σ(q − p)², so ∇_{z_s} = (2/T)·(diag q − q qᵀ)(q − p)·(1−α)/N; ⟨∇_{z_s}, u⟩ = c·(q − p)ᵀ r with
-c = 2(1−α)/(N·T); ∂/∂p = −c·r and ∂p/∂z_t = (diag p − p pᵀ)/T; times −λ gives the w above.
+docs/metagrad.md derives each form (§2), says why no second-order graph is needed (§5) and counts the
+passes of each schedule (§7).
 
 u comes from one of three interchangeable u-modes: `jvp` (forward-mode AD), `finite-difference` (two no-grad
 forwards) or `unrolled` (the create_graph reference, which yields the teacher gradient directly).
