@@ -13,7 +13,7 @@ from metadistil_scale.config import ConfigError, load_config, save_config
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (default: the embedded text task)")
+    parser.add_argument("--config", help="YAML recipe: a file, or the name of a shipped recipe such as glue_sst2 (default: the embedded text task)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set student_train.max_steps=50 (repeatable)")
     parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
