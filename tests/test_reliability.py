@@ -186,3 +186,12 @@ def test_stop_after_under_torchrun_is_not_a_crash(tmp_path, tiny_models):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "stopped at step 2/4" in output and "ChildFailedError" not in output and "Traceback" not in output
+
+
+def test_lm_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in (str(tmp_path / "no_such_folder"), "no-such-org/no-such-lm"):
+        code, err = run_cli(["lm-train", "--set", f"model.teacher={source}", "--set", f"output_dir={tmp_path / 'lm'}",
+                             "--set", "data.max_documents=50"], capsys)
+        assert code == 2
+        assert_one_line(err, f"{source}: not a local model folder")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metadistil_scale.lm.chunked import HeadLogits
-from metadistil_scale.models.text import ModelError
+from metadistil_scale.models.text import ModelError, from_pretrained
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,7 +73,7 @@ def load_lm_tokenizer(source: str, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     folder, gguf_file = resolve_lm_source(source, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer = from_pretrained(AutoTokenizer, source, path=folder, gguf_file=gguf_file)
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{source}: the tokenizer has no end-of-sequence token, needed between packed documents")
     return tokenizer
@@ -91,9 +91,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = resolve_lm_source(source, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
-    )
+    model = from_pretrained(AutoModelForCausalLM, source, path=folder, gguf_file=gguf_file, dtype=dtype,
+                            attn_implementation=attn_implementation)
     if gguf_file is not None:
         cached = _gguf_cache(folder, gguf_file, cache_dir)
         # A de-quantised model is a plain one: without this key save/load would look for the GGUF quantiser.

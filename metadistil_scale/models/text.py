@@ -34,10 +34,11 @@ def resolve_source(source: str) -> str:
     return str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
 
 
-def _from_pretrained(loader, source: str, **kwargs):
-    """`loader.from_pretrained` with a hub/file failure said in one line that names the source."""
+def from_pretrained(loader, source: str, *, path: str | None = None, **kwargs):
+    """`loader.from_pretrained(path)` (default: the source resolved) with a hub or file failure said in one line
+    that names the source."""
     try:
-        return loader.from_pretrained(resolve_source(source), **kwargs)
+        return loader.from_pretrained(resolve_source(source) if path is None else path, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         where = "not a local model folder, and the hub is off (HF_HUB_OFFLINE=1)" if offline else \
@@ -49,7 +50,7 @@ def _from_pretrained(loader, source: str, **kwargs):
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, source)
+    return from_pretrained(AutoTokenizer, source)
 
 
 def _layer_count_key(config) -> str:
@@ -71,7 +72,7 @@ def load_classifier(
     from transformers import AutoModelForSequenceClassification
 
     config = classifier_config(source, num_labels, num_layers=num_layers)
-    return _from_pretrained(AutoModelForSequenceClassification, source, config=config,
+    return from_pretrained(AutoModelForSequenceClassification, source, config=config,
                             attn_implementation=attn_implementation, dtype=dtype)
 
 
@@ -82,7 +83,7 @@ def classifier_config(source: str, num_labels: int, *, num_layers: int | None = 
 
     # A fresh config object per model: two models built from one shared config would share
     # attn_implementation and layer counts.
-    config = copy.deepcopy(_from_pretrained(AutoConfig, source))
+    config = copy.deepcopy(from_pretrained(AutoConfig, source))
     if getattr(config, "num_labels", None) not in (None, num_labels) and _is_finetuned(config):
         raise ModelError(f"{source}: the model was trained with {config.num_labels} labels, the task has {num_labels}")
     config.num_labels = num_labels
