@@ -131,13 +131,24 @@ def _cli_process(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+SIGNAL_BUDGET = ["student_train.max_steps=40", "eval_every=20"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_models) -> Path:
+    """The signal tests' reference: the same run, never interrupted (made once for both signals)."""
+    teacher, student = tiny_models
+    full = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(["train", *tiny_args(full, teacher, student, *SIGNAL_BUDGET)]) == 0
+    return full
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_checkpoints_and_resume_finishes_the_run(tmp_path, tiny_models, sig):
+def test_a_stop_signal_checkpoints_and_resume_finishes_the_run(tmp_path, tiny_models, uninterrupted, sig):
     teacher, student = tiny_models
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    budget = ["student_train.max_steps=60", "eval_every=30"]
-    assert main(["train", *tiny_args(full, teacher, student, *budget)]) == 0
+    full, stopped = uninterrupted, tmp_path / "stopped"
+    budget = SIGNAL_BUDGET
 
     proc = _cli_process(tiny_args(stopped, teacher, student, *budget))
     metrics = stopped / "kd" / "metrics.jsonl"
