@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from metadistil_scale.backends import check_distributed, dist
 from metadistil_scale.checkpoint import atomic_write_text, seed_everything
 from metadistil_scale.config import Config, save_config
+from metadistil_scale.methods import get_method
 from metadistil_scale.metrics import primary_metric
 from metadistil_scale.report import plot_curves, summarize, write_summary
 from metadistil_scale.trainer import (
@@ -93,6 +94,7 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                         "wall_time_s": teacher_result.wall_time_s if teacher_result else 0.0})
 
         for method in cfg.methods:
+            uses_teacher = get_method(method).uses_teacher
             folder = seed_dir / method
             expected = json.loads(json.dumps(stage_fingerprint(run_cfg, method, method)))
             result = load_done(folder, expected)
@@ -100,13 +102,13 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 seed_everything(seed)
                 teacher, student = build_models(run_cfg, task.info, str(teacher_dir), device)
                 result = run_stage(method, method, run_cfg, task, folder, student,
-                                   None if method == "finetune" else teacher, resume=resume)
+                                   teacher if uses_teacher else None, resume=resume)
             elif main:
                 tqdm.write(f"[seed {seed}] reusing the finished {method} run in {folder}")
             if not main:
                 continue
             records.append(run_record(result, seed, metric, folder,
-                                      None if method == "finetune" else teacher_metric))
+                                      teacher_metric if uses_teacher else None))
             tqdm.write(f"[seed {seed}] {method}: test {metric} {records[-1]['metric']:.4f} "
                        f"({result.wall_time_s:.0f} s)")
 

@@ -1,8 +1,9 @@
 """The training recipe: config -> data + models -> teacher fine-tuning -> one stage per method -> results.
 
-Methods: `finetune` (the student alone, no teacher), `kd`, `metadistil`, `metadistil-no-pilot`. Every stage
-is resumable: its last checkpoint holds both models, both optimizers and schedules, the RNG and the step (the
-data position is a function of the step), so a resumed run ends with the metrics of an uninterrupted one.
+Methods (methods.py): `finetune` (the student alone, no teacher), `kd`, `metadistil`, `metadistil-no-pilot`.
+Every stage is resumable: its last checkpoint holds both models, both optimizers and schedules, the RNG and the
+step (the data position is a function of the step), so a resumed run ends with the metrics of an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_writ
 from metadistil_scale.config import IMAGE_TASKS, Config, ConfigError, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
-from metadistil_scale.meta import MetaDistil, teacher_update_steps
+from metadistil_scale.meta import MetaDistil
+from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
 from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
-from metadistil_scale.steps import finetune_step, kd_step
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -191,7 +192,7 @@ def preflight(cfg: Config) -> Task:
         if stage.batch_size > n_train:
             raise ConfigError(f"{key}.batch_size: {stage.batch_size} is more than the {n_train} examples of the "
                               f"train split (a step needs one full batch)")
-    if any(m.startswith("metadistil") for m in cfg.methods) and len(task.rows("quiz")) < dist.world_size():
+    if any(get_method(m).needs_quiz for m in cfg.methods) and len(task.rows("quiz")) < dist.world_size():
         raise ConfigError(f"data.quiz_fraction: the quiz split has {len(task.rows('quiz'))} examples, fewer than "
                           f"the {dist.world_size()} ranks")
     labels = task.info.num_labels
@@ -245,7 +246,7 @@ def stage_fingerprint(cfg: Config, name: str, method: str) -> dict[str, Any]:
         model = {k: full["model"][k] for k in ("teacher", "attn_implementation")}
         return {**common, "teacher_finetune": full["teacher_finetune"], "model": model}
     return {**common, "student_train": full["student_train"], "model": full["model"], "distill": full["distill"],
-            "meta": full["meta"] if method.startswith("metadistil") else None}
+            "meta": full["meta"] if get_method(method).trains_teacher else None}
 
 
 def total_steps(stage: StageConfig, n_train: int) -> int:
@@ -269,42 +270,19 @@ def run_stage(
     """Train one method to the end of its budget, with evaluation, best/last checkpoints and metrics.jsonl.
 
     For `finetune` the trained model is `student` (used for the teacher's own fine-tuning too)."""
-    stage = cfg.teacher_finetune if name == "teacher" else cfg.student_train
+    algorithm = get_method(method)
+    stage_key, role = ("teacher_finetune", "teacher") if name == "teacher" else ("student_train", "student")
+    stage = getattr(cfg, stage_key)
     device = next(student.parameters()).device
-    role = "teacher" if name == "teacher" else "student"
-    train_rows = task.rows("train")
-    steps = total_steps(stage, len(train_rows))
-    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
-    check_distributed(cfg, world)  # also for callers other than train() (experiments, Ray workers)
-    stream = BatchStream(train_rows, stage.batch_size, cfg.seed, task.collate, stage.micro_batch_size, rank, world)
-    regression = task.info.is_regression
+    steps = total_steps(stage, len(task.rows("train")))
+    main = dist.is_main()
+    check_distributed(cfg, dist.world_size())  # also for callers other than train() (experiments, Ray workers)
+    stream = _stage_stream(task, "train", stage.batch_size, cfg.seed, stage.micro_batch_size)
     metric_key = primary_metric(task.info.metric)
-
-    trains_teacher = method.startswith("metadistil")
-    stage_key = "teacher_finetune" if name == "teacher" else "student_train"
-    batching = dict(batch_size=stage.batch_size, micro_batch_size=stage.micro_batch_size, stage_key=stage_key)
-    ds_key = "deepspeed_teacher" if name == "teacher" else "deepspeed_student"
-    student_model = make_model(student, stage.optim, steps, ds_config=getattr(cfg, ds_key), ds_key=ds_key,
-                               optim_key=f"{stage_key}.optim", functional=trains_teacher, **batching)
-    teacher_model = None
-    if teacher is not None:
-        teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
-        # Its schedule (warmup, decays) spans its own updates: every `interval` steps after `frozen_steps`.
-        teacher_updates = len(teacher_update_steps(cfg.meta, steps))
-        teacher_model = make_model(teacher, cfg.meta.teacher_optim if trains_teacher else None,
-                                   max(1, teacher_updates), ds_config=cfg.deepspeed_teacher,
-                                   ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
-    meta = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, regression) if trains_teacher else None
-    quiz_stream = pilot_stream = None
-    if trains_teacher:
-        # Every rank takes an equal slice of the quiz batch (a small quiz set rounds it down to fit).
-        quiz_size = min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))) // world * world
-        quiz_stream = BatchStream(task.rows("quiz"), quiz_size, cfg.meta.quiz_seed, task.collate,
-                                  stage.micro_batch_size and min(stage.micro_batch_size, quiz_size // world),
-                                  rank, world)
-        if method == "metadistil-no-pilot":
-            pilot_stream = BatchStream(train_rows, stage.batch_size, cfg.seed + 7919, task.collate,
-                                       stage.micro_batch_size, rank, world)
+    ctx = _step_context(algorithm, cfg, task, stage_key, role, steps, student, teacher, device)
+    trains_teacher = algorithm.trains_teacher
+    student_model, teacher_model = ctx.student, ctx.teacher
+    trained_teacher = teacher if trains_teacher else None  # saved, evaluated and tested with the student
 
     fingerprint = stage_fingerprint(cfg, name, method)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,16 +290,7 @@ def run_stage(
     # Both engines when the teacher trains; their optimizers, schedules, the RNG and the step.
     last = StageCheckpoint(out_dir, fingerprint,
                            {"student": student_model, **({"teacher": teacher_model} if trains_teacher else {})})
-    state = {"step": 0, "best_dev": -math.inf, "best_step": 0, "wall_time_s": 0.0}
-    if resume and last.exists():
-        state = last.load()
-        if main:
-            _truncate_jsonl(metrics_path, state["step"])
-            tqdm.write(f"[{name}] resumed from {last.path} at step {state['step']}/{steps}")
-    else:
-        seed_everything(cfg.seed)
-        if main:
-            metrics_path.unlink(missing_ok=True)
+    state = _start_state(last, resume, metrics_path, cfg.seed, f"[{name}]", steps)
 
     def save_last() -> None:
         last.save(state)
@@ -330,8 +299,7 @@ def run_stage(
         # Under ZeRO-3 the weights are shards: gather them (on every rank), rank 0 writes.
         with student_model.gathered(), (teacher_model.gathered() if trains_teacher else contextlib.nullcontext()):
             if main:
-                atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, teacher if trains_teacher
-                                                                     else None, task, role))
+                atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, trained_teacher, task, role))
         dist.barrier()
 
     student.train()
@@ -342,31 +310,16 @@ def run_stage(
         while state["step"] < steps:
             step = state["step"]
             parts = to_device(stream(step), device)
-            if method == "finetune":
-                record = finetune_step(student_model, parts, role, regression)
-            elif method == "kd":
-                record = kd_step(teacher_model, student_model, parts, cfg.distill, regression)
-            else:
-                update = step >= cfg.meta.frozen_steps and (step - cfg.meta.frozen_steps) % cfg.meta.interval == 0
-                quiz = to_device(quiz_stream(step), device) if update else []
-                pilot = to_device(pilot_stream(step), device) if (update and pilot_stream is not None) else None
-                logged = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == steps
-                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot, diagnostics=logged)
-                record["teacher_updated"] = float(update)
+            logged = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == steps
+            record = algorithm.step(ctx, step, parts, logged)
             state["step"] = step + 1
             record.update(step=state["step"], lr=student_model.lr)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if state["step"] % cfg.eval_every == 0 or state["step"] == steps:
-                # Every rank evaluates (ZeRO-3 forwards are collective); rank 0's figures decide for all.
-                dev = dist.broadcast_object(evaluate(student, role, task, "dev", cfg.eval_batch_size, device))
-                record.update({f"dev_{k}": v for k, v in dev.items()})
-                if trains_teacher:
-                    teacher_dev = dist.broadcast_object(
-                        evaluate(teacher, "teacher", task, "dev", cfg.eval_batch_size, device))
-                    record.update({f"teacher_dev_{k}": v for k, v in teacher_dev.items()})
-                if dev[metric_key] > state["best_dev"]:
-                    state.update(best_dev=dev[metric_key], best_step=state["step"])
+                record.update(_evaluate_dev(student, role, trained_teacher, task, cfg, device))
+                if record[f"dev_{metric_key}"] > state["best_dev"]:
+                    state.update(best_dev=record[f"dev_{metric_key}"], best_step=state["step"])
                     save_best()
             if state["step"] % cfg.log_every == 0 or f"dev_{metric_key}" in record:
                 log.write(json.dumps(record) + "\n")
@@ -385,22 +338,91 @@ def run_stage(
                 save_last()
                 raise StopRequested(f"[{name}] stopped at step {state['step']}/{steps}; rerun with --resume")
 
-    # Test the best-on-dev weights (plain copies: rank 0 alone, then it tells the others).
+    return _test_best(name, method, steps, state, fingerprint, cfg, task, out_dir, role, student, trained_teacher)
+
+
+def _test_best(name: str, method: str, steps: int, state: dict[str, Any], fingerprint: dict[str, Any],
+               cfg: Config, task: Task, out_dir: Path, role: str, student: nn.Module,
+               trained_teacher: nn.Module | None) -> StageResult:
+    """Test the best-on-dev weights (plain copies: rank 0 alone, then it tells the others); write done.json."""
+    device = next(student.parameters()).device
     test = teacher_test = None
-    if main:
+    if dist.is_main():
         best_student = _load_best(out_dir / "best", student)
         test = evaluate(best_student, role, task, "test", cfg.eval_batch_size, device)
-        if trains_teacher:
-            best_teacher = _load_best(out_dir / "best" / "teacher", teacher)
+        if trained_teacher is not None:
+            best_teacher = _load_best(out_dir / "best" / "teacher", trained_teacher)
             teacher_test = evaluate(best_teacher, "teacher", task, "test", cfg.eval_batch_size, device)
     test, teacher_test, state = dist.broadcast_object((test, teacher_test, state))
     result = StageResult(name, method, steps, state["best_dev"], state["best_step"], test,
                          state["wall_time_s"], teacher_test)
-    if main:
+    if dist.is_main():
         atomic_write_text(json.dumps({"config": fingerprint, "result": result.__dict__}, indent=2),
                           out_dir / "done.json")
     dist.barrier()
     return result
+
+
+def _start_state(last: StageCheckpoint, resume: bool, metrics_path: Path, seed: int, tag: str,
+                 steps: int) -> dict[str, Any]:
+    """The resumed checkpoint's state (the log cut back to its step), or a fresh, seeded start."""
+    if resume and last.exists():
+        state = last.load()
+        if dist.is_main():
+            _truncate_jsonl(metrics_path, state["step"])
+            tqdm.write(f"{tag} resumed from {last.path} at step {state['step']}/{steps}")
+        return state
+    seed_everything(seed)
+    if dist.is_main():
+        metrics_path.unlink(missing_ok=True)
+    return {"step": 0, "best_dev": -math.inf, "best_step": 0, "wall_time_s": 0.0}
+
+
+def _evaluate_dev(student: nn.Module, role: str, trained_teacher: nn.Module | None, task: Task, cfg: Config,
+                  device: torch.device) -> dict[str, float]:
+    """dev_* metrics of the student and teacher_dev_* of a teacher that trains. Every rank evaluates (ZeRO-3
+    forwards are collective); rank 0's figures decide for all."""
+    dev = dist.broadcast_object(evaluate(student, role, task, "dev", cfg.eval_batch_size, device))
+    record = {f"dev_{k}": v for k, v in dev.items()}
+    if trained_teacher is not None:
+        teacher_dev = dist.broadcast_object(evaluate(trained_teacher, "teacher", task, "dev", cfg.eval_batch_size,
+                                                     device))
+        record.update({f"teacher_dev_{k}": v for k, v in teacher_dev.items()})
+    return record
+
+
+def _stage_stream(task: Task, split: str, batch_size: int, seed: int, micro: int | None) -> BatchStream:
+    """A stream over `split` that gives this rank its slice of every global batch."""
+    return BatchStream(task.rows(split), batch_size, seed, task.collate, micro, dist.rank(), dist.world_size())
+
+
+def _step_context(method: Method, cfg: Config, task: Task, stage_key: str, role: str, steps: int,
+                  student: nn.Module, teacher: nn.Module | None, device: torch.device) -> StepContext:
+    """The backend models and the streams `method` asks for (built in this order: student, teacher, streams)."""
+    stage = getattr(cfg, stage_key)
+    batching = dict(batch_size=stage.batch_size, micro_batch_size=stage.micro_batch_size, stage_key=stage_key)
+    ds_key = "deepspeed_teacher" if role == "teacher" else "deepspeed_student"
+    student_model = make_model(student, stage.optim, steps, ds_config=getattr(cfg, ds_key), ds_key=ds_key,
+                               optim_key=f"{stage_key}.optim", functional=method.trains_teacher, **batching)
+    teacher_model = None
+    if teacher is not None:
+        teacher.eval()  # the teacher's logits come without dropout; MetaDistil trains it in this mode too
+        # Its schedule (warmup, decays) spans its own updates, not the stage's steps.
+        teacher_model = make_model(teacher, method.teacher_optim(cfg.meta),
+                                   method.teacher_schedule_steps(cfg.meta, steps), ds_config=cfg.deepspeed_teacher,
+                                   ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
+    ctx = StepContext(student_model, teacher_model, cfg.distill, cfg.meta, device, role, task.info.is_regression)
+    if method.trains_teacher:
+        ctx.metadistil = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, task.info.is_regression)
+    if method.needs_quiz:
+        # Every rank takes an equal slice of the quiz batch (a small quiz set rounds it down to fit).
+        world = dist.world_size()
+        quiz_size = min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))) // world * world
+        ctx.quiz_stream = _stage_stream(task, "quiz", quiz_size, cfg.meta.quiz_seed,
+                                        stage.micro_batch_size and min(stage.micro_batch_size, quiz_size // world))
+    if method.needs_pilot_stream:
+        ctx.pilot_stream = _stage_stream(task, "train", stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
+    return ctx
 
 
 class _NoLog:
@@ -511,7 +533,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
         seed_everything(cfg.seed)
         teacher, student = build_models(cfg, task.info, str(teacher_dir), device)
         result = run_stage(method, method, cfg, task, out / method, student,
-                           None if method == "finetune" else teacher, resume=resume, stop_after=stop_after,
+                           teacher if get_method(method).uses_teacher else None, resume=resume, stop_after=stop_after,
                            on_checkpoint=on_checkpoint)
         if main:
             atomic_dir(out / method / "student", lambda tmp, m=method: _copy_best(out / m / "best", tmp))

@@ -52,7 +52,9 @@ def check_distributed(cfg: Config, world: int) -> None:
         if stage.micro_batch_size is not None and local % stage.micro_batch_size:
             raise ConfigError(f"{key}.micro_batch_size={stage.micro_batch_size} does not divide the per-rank batch "
                               f"{stage.batch_size}/{world}={local}")
-    if not any(m.startswith("metadistil") for m in cfg.methods):
+    from metadistil_scale.methods import get_method  # imported here: methods.py imports the backends
+
+    if not any(get_method(m).trains_teacher for m in cfg.methods):
         return
     if cfg.meta.quiz_batch_size % world:
         raise ConfigError(f"meta.quiz_batch_size={cfg.meta.quiz_batch_size} is not divisible by the {world} "

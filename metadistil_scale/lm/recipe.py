@@ -51,8 +51,8 @@ from metadistil_scale.lm.models import (
     select_layers,
     student_from_layers,
 )
-from metadistil_scale.meta import MetaDistil, teacher_update_steps
-from metadistil_scale.steps import finetune_step, kd_step
+from metadistil_scale.meta import MetaDistil
+from metadistil_scale.methods import StepContext, get_method
 from metadistil_scale.trainer import DTYPES, BatchStream, resolve_device, to_device
 
 # ---------------------------------------------------------------- config
@@ -207,24 +207,25 @@ def train_method(
 ) -> dict[str, Any]:
     """Train a fresh copy of the student with `method`; returns the held-out metrics and timings."""
     seed_everything(cfg.seed)
+    algorithm = get_method(method)
     stage = cfg.student_train
     steps = stage.max_steps or max(1, math.ceil(stage.epochs * (len(splits["train"]) // stage.batch_size)))
-    trains_teacher = method.startswith("metadistil")
-    updates = teacher_update_steps(cfg.meta, steps)
     student = TorchModel(wrap(copy.deepcopy(base_student), cfg), stage.optim, steps)
     teacher = None
-    if method != "finetune":
-        teacher_lm = copy.deepcopy(base_teacher) if trains_teacher else base_teacher
+    if algorithm.uses_teacher:
+        teacher_lm = copy.deepcopy(base_teacher) if algorithm.trains_teacher else base_teacher
         teacher_lm.eval()
-        teacher = TorchModel(wrap(teacher_lm, cfg), cfg.meta.teacher_optim if trains_teacher else None,
-                             max(1, len(updates)))
+        teacher = TorchModel(wrap(teacher_lm, cfg), algorithm.teacher_optim(cfg.meta),
+                             algorithm.teacher_schedule_steps(cfg.meta, steps))
     stream = _stream(splits["train"], stage.batch_size, cfg.seed, stage.micro_batch_size)
-    meta = quiz_stream = pilot_stream = None
-    if trains_teacher:
-        meta = MetaDistil(teacher, student, cfg.distill, cfg.meta)
-        quiz_stream = _stream(splits["quiz"], cfg.meta.quiz_batch_size, cfg.meta.quiz_seed, stage.micro_batch_size)
-        if method == "metadistil-no-pilot":
-            pilot_stream = _stream(splits["train"], stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
+    ctx = StepContext(student, teacher, cfg.distill, cfg.meta, device)
+    if algorithm.trains_teacher:
+        ctx.metadistil = MetaDistil(teacher, student, cfg.distill, cfg.meta)
+    if algorithm.needs_quiz:
+        ctx.quiz_stream = _stream(splits["quiz"], cfg.meta.quiz_batch_size, cfg.meta.quiz_seed,
+                                  stage.micro_batch_size)
+    if algorithm.needs_pilot_stream:
+        ctx.pilot_stream = _stream(splits["train"], stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
 
     student.module.train()
     started = time.perf_counter()
@@ -232,18 +233,10 @@ def train_method(
         for step in range(steps):
             parts = to_device(stream(step), device)
             t0 = time.perf_counter()
-            if method == "finetune":
-                record = finetune_step(student, parts, "student", regression=False)
-            elif method == "kd":
-                record = kd_step(teacher, student, parts, cfg.distill, regression=False)
-            else:
-                update = step in updates
-                quiz = to_device(quiz_stream(step), device) if update else []
-                pilot = to_device(pilot_stream(step), device) if update and pilot_stream else None
-                logged = (step + 1) % cfg.log_every == 0 or step + 1 == steps
-                record = meta.step(parts, quiz, update_teacher=update, pilot_parts=pilot, diagnostics=logged)
+            logged = (step + 1) % cfg.log_every == 0 or step + 1 == steps
+            record = algorithm.step(ctx, step, parts, logged)
             record.update(step=step + 1, step_time_s=time.perf_counter() - t0)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            if logged:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"[{method}] step {step + 1}/{steps} loss {record['loss']:.4f} "
@@ -251,7 +244,7 @@ def train_method(
     train_time = time.perf_counter() - started
     result = {"method": method, "steps": steps, "train_time_s": train_time, "step_time_s": train_time / steps,
               "heldout": evaluate_lm(student.module, splits["heldout"], cfg.eval_batch_size, device)}
-    if trains_teacher:
+    if algorithm.trains_teacher:
         result["teacher_heldout_after"] = evaluate_lm(teacher.module, splits["heldout"], cfg.eval_batch_size, device)
     return result
 
