@@ -92,8 +92,12 @@ def main() -> None:
         for name in SMALL_OUTPUTS:
             if (out / name).is_file():
                 shutil.copy2(out / name, results / name)
-        commits = {s.name: json.loads((s / "commit.json").read_text()) for s in sorted(out.glob("seed_*"))
-                   if (s / "commit.json").is_file()}
+        seeds = [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
+        for kept in (k for s in seeds for k in s.glob("*/test_predictions.json")):  # for per-example bootstraps
+            target = results / "predictions" / f"{kept.parent.parent.name}_{kept.parent.name}.json"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(kept, target)
+        commits = {s.name: json.loads((s / "commit.json").read_text()) for s in seeds if (s / "commit.json").is_file()}
         atomic_write_text(json.dumps(commits, indent=2) + "\n", results / "commits.json")
         width = half_width(summary)
         print(f"after {pairs} pairs: half-width {width if width is None else round(width, 2)} points",

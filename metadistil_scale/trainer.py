@@ -205,7 +205,9 @@ def preflight(cfg: Config) -> Task:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, role: str, task: Task, split: str, batch_size: int, device) -> dict[str, float]:
+def predict(model: nn.Module, role: str, task: Task, split: str, batch_size: int, device
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The model's outputs (logits or scores) on a split, in the split's order, and the labels."""
     was_training = model.training
     model.eval()
     dataset = task.splits[split]
@@ -216,7 +218,16 @@ def evaluate(model: nn.Module, role: str, task: Task, split: str, batch_size: in
         predictions.append((out.logits if hasattr(out, "logits") else out).float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
     model.train(was_training)
-    return compute_metrics(task.info.metric, np.concatenate(predictions), np.concatenate(labels))
+    return np.concatenate(predictions), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, role: str, task: Task, split: str, batch_size: int, device) -> dict[str, float]:
+    return compute_metrics(task.info.metric, *predict(model, role, task, split, batch_size, device))
+
+
+def _per_example(outputs: np.ndarray, regression: bool) -> list:
+    """What a per-example analysis needs: the predicted class ids, or the scores of a regression."""
+    return outputs.reshape(len(outputs), -1)[:, 0].tolist() if regression else outputs.argmax(axis=1).tolist()
 
 
 # ---------------------------------------------------------------- one stage
@@ -348,11 +359,18 @@ def _test_best(name: str, method: str, steps: int, state: dict[str, Any], finger
     device = next(student.parameters()).device
     test = teacher_test = None
     if dist.is_main():
-        best_student = _load_best(out_dir / "best", student)
-        test = evaluate(best_student, role, task, "test", cfg.eval_batch_size, device)
+        # Test predictions are kept beside done.json for per-example analyses (paired bootstraps over examples).
+        regression = task.info.is_regression
+        outputs, labels = predict(_load_best(out_dir / "best", student), role, task, "test", cfg.eval_batch_size,
+                                  device)
+        test = compute_metrics(task.info.metric, outputs, labels)
+        kept = {"labels": labels.tolist(), "student": _per_example(outputs, regression)}
         if trained_teacher is not None:
-            best_teacher = _load_best(out_dir / "best" / "teacher", trained_teacher)
-            teacher_test = evaluate(best_teacher, "teacher", task, "test", cfg.eval_batch_size, device)
+            outputs, _ = predict(_load_best(out_dir / "best" / "teacher", trained_teacher), "teacher", task, "test",
+                                 cfg.eval_batch_size, device)
+            teacher_test = compute_metrics(task.info.metric, outputs, labels)
+            kept["teacher"] = _per_example(outputs, regression)
+        atomic_write_text(json.dumps(kept) + "\n", out_dir / "test_predictions.json")
     test, teacher_test, state = dist.broadcast_object((test, teacher_test, state))
     result = StageResult(name, method, steps, state["best_dev"], state["best_step"], test,
                          state["wall_time_s"], teacher_test)

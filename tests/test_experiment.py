@@ -91,6 +91,15 @@ def test_tiny_image_experiment_through_the_cli(tmp_path: Path, capsys: pytest.Ca
     assert summary["paired"]["seeds"] == [0, 1] and summary["methods"]["metadistil"]["n"] == 2
     assert (out / "dev_curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "teacher_dev_curves.png").read_bytes()[:8] == PNG_MAGIC
+    # Per-example test predictions agree with the reported metrics (students; the teacher a run trained).
+    for run in runs[1:3]:
+        kept = json.loads((out / "seed_0" / run["method"] / "test_predictions.json").read_text())
+        hits = [p == y for p, y in zip(kept["student"], kept["labels"], strict=True)]
+        assert sum(hits) / len(hits) == pytest.approx(run["metric"])
+        assert ("teacher" in kept) == (run["method"] == "metadistil")
+    kept = json.loads((out / "seed_0" / "metadistil" / "test_predictions.json").read_text())
+    hits = [p == y for p, y in zip(kept["teacher"], kept["labels"], strict=True)]
+    assert sum(hits) / len(hits) == pytest.approx(runs[2]["teacher_metric"])
 
     # A second invocation reuses every finished run.
     before = (out / "seed_1" / "metadistil" / "done.json").stat().st_mtime_ns
