@@ -5,7 +5,9 @@ Layout under `output_dir`:
     seed_<s>/teacher/          the teacher fine-tuned for seed s, shared by that seed's methods
     seed_<s>/<method>/         one run (metrics.jsonl, best/, done.json), as `train` writes it
     runs.json, runs.csv        one record per run: test metric, teacher's metric, dev curves, wall time
-    summary.{json,csv,md}      mean ± std per method and metadistil − kd paired over seeds (95% t-interval)
+    summary.{json,csv,md}      mean ± std per method and metadistil − kd paired over seeds (95% t-interval, a
+                               bootstrap over seeds, the variance ratio and, for accuracy, a bootstrap over the
+                               test examples from each run's test_predictions.json)
     dev_curves.png             the student's dev metric against steps (mean and min–max over seeds)
     teacher_dev_curves.png     the teacher's own dev metric during the runs that train it
 
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from metadistil_scale.backends import check_distributed, dist
@@ -28,7 +31,7 @@ from metadistil_scale.checkpoint import atomic_write_text, seed_everything
 from metadistil_scale.config import Config, save_config
 from metadistil_scale.methods import get_method
 from metadistil_scale.metrics import primary_metric
-from metadistil_scale.report import plot_curves, summarize, write_summary
+from metadistil_scale.report import per_example_bootstrap, plot_curves, summarize, write_summary
 from metadistil_scale.trainer import (
     StageResult,
     build_models,
@@ -116,10 +119,27 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     return dist.broadcast_object(summary)
 
 
+def _correct_by_seed(out: Path, method: str, seeds: list[int]) -> np.ndarray | None:
+    """[seeds, test examples] booleans from each run's test_predictions.json; None if any run lacks them."""
+    rows = []
+    for seed in seeds:
+        path = out / f"seed_{seed}" / method / "test_predictions.json"
+        if not path.is_file():
+            return None
+        kept = json.loads(path.read_text())
+        rows.append(np.equal(kept["student"], kept["labels"]))
+    return np.stack(rows)
+
+
 def write_report(records: list[dict], out: Path, *, task: str, metric: str) -> dict[str, Any]:
     """runs.json/csv, summary.{json,csv,md} and the two curve plots from the run records."""
     summary = summarize(records)
     summary.update(task=task, metric=metric)
+    paired = summary["paired"]
+    if paired is not None and metric == "accuracy":
+        correct = [_correct_by_seed(out, paired[arm], paired["seeds"]) for arm in ("method", "baseline")]
+        if correct[0] is not None and correct[1] is not None:
+            paired["per_example"] = per_example_bootstrap(*correct)
     atomic_write_text(json.dumps(records, indent=2) + "\n", out / "runs.json")
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)

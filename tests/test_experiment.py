@@ -100,6 +100,10 @@ def test_tiny_image_experiment_through_the_cli(tmp_path: Path, capsys: pytest.Ca
     kept = json.loads((out / "seed_0" / "metadistil" / "test_predictions.json").read_text())
     hits = [p == y for p, y in zip(kept["teacher"], kept["labels"], strict=True)]
     assert sum(hits) / len(hits) == pytest.approx(runs[2]["teacher_metric"])
+    # The bootstrap over test examples is centred on the paired difference of the test accuracies.
+    examples = summary["paired"]["per_example"]
+    assert examples["n_seeds"] == 2 and examples["n_examples"] == len(kept["labels"])
+    assert examples["mean_diff"] == pytest.approx(summary["paired"]["mean_diff"])
 
     # A second invocation reuses every finished run.
     before = (out / "seed_1" / "metadistil" / "done.json").stat().st_mtime_ns

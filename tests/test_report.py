@@ -4,9 +4,10 @@ import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from metadistil_scale.report import format_table, plot_curves, summarize, write_summary
+from metadistil_scale.report import format_table, per_example_bootstrap, plot_curves, summarize, write_summary
 
 T_975_2 = 4.302652729749464  # Student's t quantile, 0.975, 2 degrees of freedom
 
@@ -109,7 +110,33 @@ def test_format_table() -> None:
     assert kd_row == ["kd", "3", "71.0000 ± 1.0000", "70.0000", "72.0000", "–"]
     meta_row = [c.strip() for c in lines[3].strip("|").split("|")]
     assert meta_row[5] == "79.0000 ± 1.0000 (n=3)"
-    assert lines[-1] == "metadistil − kd: +2.0000 ± 1.0000 over 3 paired seeds, 95% CI [-0.4841, 4.4841]"
+    assert lines[-2] == "metadistil − kd: +2.0000 ± 1.0000 over 3 paired seeds, 95% CI [-0.4841, 4.4841]"
+    assert lines[-1] == "bootstrap over seeds: 95% [1.0000, 3.0000]; variance ratio metadistil/kd: 4.0000"
+
+
+def test_bootstrap_over_seeds_and_variance_ratio() -> None:
+    paired = summarize(_records())["paired"]
+    # Paired differences 1, 2, 3: of the 27 equally likely resamples, 1 has mean 1 and 1 has mean 3 (3.7% each),
+    # so the 2.5% and 97.5% percentiles of the resampled means are exactly 1 and 3.
+    assert paired["bootstrap_ci95"] == [1.0, 3.0]
+    # Variances over the paired seeds: metadistil 71, 73, 75 -> 4; kd 70, 71, 72 -> 1.
+    assert paired["variance_ratio"] == pytest.approx(4.0)
+
+
+def test_per_example_bootstrap_matches_the_normal_approximation() -> None:
+    # Two seeds, 2,000 examples: the method is right where the baseline is wrong on half the examples and both
+    # agree elsewhere, so the per-example difference is 1 or 0 with p = 0.5 and the mean's standard error is
+    # sqrt(0.25 / 2000); the bootstrap interval must sit at 0.5 ± 1.96 of that.
+    n = 2000
+    baseline = np.zeros((2, n), bool)
+    method = np.zeros((2, n), bool)
+    method[:, : n // 2] = True
+    result = per_example_bootstrap(method, baseline)
+    se = math.sqrt(0.25 / n)
+    assert result["mean_diff"] == 0.5 and result["n_seeds"] == 2 and result["n_examples"] == n
+    assert result["ci95"] == pytest.approx([0.5 - 1.96 * se, 0.5 + 1.96 * se], abs=0.15 * se)
+    # Identical predictions: no difference and no spread.
+    assert per_example_bootstrap(method, method)["ci95"] == [0.0, 0.0]
 
 
 def test_write_summary_files_parse(tmp_path: Path) -> None:
