@@ -11,12 +11,19 @@ Resumable at any point: finished runs are reused and a run in progress resumes f
 seed records the commit it ran on (seed_<s>/commit.json); both arms of a seed run on one commit, so a seed left
 half-done by an older commit is set aside (seed_<s>.stale-<commit>) and run again whole. After each pair the small
 outputs (runs, summary, curves) are copied to --results.
+
+Resumable on another machine too: --results keeps, for every finished seed, what the report needs (done.json,
+metrics.jsonl, test_predictions.json, commit.json; not the weights) and the SHA-256 of the teacher's weights. On
+a machine without the run folder the teacher is fine-tuned again (deterministic on the CPU: same seed, same
+data order, one thread); if its weights hash the same, the kept seeds are put back and reused, otherwise they are
+left out and the run says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -61,6 +68,51 @@ def pin_seed_to_commit(seed_dir: Path, methods: list[str], commit: dict[str, obj
     atomic_write_text(json.dumps(commit) + "\n", record)
 
 
+KEPT_PER_RUN = ("done.json", "metrics.jsonl", "test_predictions.json")
+
+
+def weights_sha256(folder: Path) -> str:
+    """One hash over every file of a saved model (sorted by name): equal hashes, equal teachers."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def keep_finished_seeds(out: Path, kept: Path, methods: list[str]) -> None:
+    """Copy what the report needs of every finished seed to `kept` (small files only)."""
+    for seed_dir in seed_dirs(out):
+        if not seed_is_done(seed_dir, methods):
+            continue
+        for method in methods:
+            (kept / seed_dir.name / method).mkdir(parents=True, exist_ok=True)
+            for name in KEPT_PER_RUN:
+                if (seed_dir / method / name).is_file():
+                    shutil.copy2(seed_dir / method / name, kept / seed_dir.name / method / name)
+        shutil.copy2(seed_dir / "commit.json", kept / seed_dir.name / "commit.json")
+
+
+def restore_kept_seeds(kept: Path, out: Path, teacher_sha: str) -> None:
+    """Put kept seeds back into a run folder that lacks them, when they were trained from this very teacher."""
+    record = kept / "teacher.json"
+    if not record.is_file():
+        return
+    recorded = json.loads(record.read_text())["weights_sha256"]
+    if recorded != teacher_sha:
+        print(f"the kept seeds in {kept} came from a teacher with weights {recorded[:12]}, this one is "
+              f"{teacher_sha[:12]}: they are not reused", file=sys.stderr)
+        return
+    for seed_dir in sorted(p for p in kept.glob("seed_*") if p.is_dir()):
+        if not (out / seed_dir.name).exists():
+            shutil.copytree(seed_dir, out / seed_dir.name)
+            print(f"{seed_dir.name}: restored from {kept}", file=sys.stderr)
+
+
+def seed_dirs(out: Path) -> list[Path]:
+    return [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
+
+
 def half_width(summary: dict) -> float | None:
     paired = summary.get("paired") or {}
     ci = paired.get("ci95")
@@ -83,8 +135,13 @@ def main() -> None:
     out, results = Path(cfg.output_dir), Path(args.results)
     commit = current_commit()
 
-    teacher_dir, _ = fine_tune_teacher(cfg, load_task(cfg), out, resolve_device(cfg), True, None)
+    teacher_dir, teacher = fine_tune_teacher(cfg, load_task(cfg), out, resolve_device(cfg), True, None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint=str(teacher_dir)))
+    kept, teacher_sha = results / "seeds", weights_sha256(teacher_dir)
+    restore_kept_seeds(kept, out, teacher_sha)
+    kept.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"weights_sha256": teacher_sha, "result": teacher.__dict__ if teacher else None}, indent=2) + "\n",
+                      kept / "teacher.json")
     for pairs in range(1, args.max_pairs + 1):
         pin_seed_to_commit(out / f"seed_{pairs - 1}", cfg.methods, commit)
         summary = run_experiment(dataclasses.replace(cfg, seeds=list(range(pairs))), resume=True)
@@ -92,12 +149,9 @@ def main() -> None:
         for name in SMALL_OUTPUTS:
             if (out / name).is_file():
                 shutil.copy2(out / name, results / name)
-        seeds = [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
-        for kept in (k for s in seeds for k in s.glob("*/test_predictions.json")):  # for per-example bootstraps
-            target = results / "predictions" / f"{kept.parent.parent.name}_{kept.parent.name}.json"
-            target.parent.mkdir(exist_ok=True)
-            shutil.copy2(kept, target)
-        commits = {s.name: json.loads((s / "commit.json").read_text()) for s in seeds if (s / "commit.json").is_file()}
+        keep_finished_seeds(out, kept, cfg.methods)
+        commits = {s.name: json.loads((s / "commit.json").read_text()) for s in seed_dirs(out)
+                   if (s / "commit.json").is_file()}
         atomic_write_text(json.dumps(commits, indent=2) + "\n", results / "commits.json")
         width = half_width(summary)
         print(f"after {pairs} pairs: half-width {width if width is None else round(width, 2)} points",

@@ -1,0 +1,48 @@
+"""The powered comparison keeps finished seeds in its results folder and puts them back on a fresh machine,
+only when the teacher fine-tuned there is the same (by weights hash)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SPEC = importlib.util.spec_from_file_location("powered", Path(__file__).parent.parent / "benchmarks/powered.py")
+powered = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(powered)
+METHODS = ["kd", "metadistil"]
+
+
+def write(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _finished_seed(out: Path, seed: int, methods: list[str]) -> None:
+    write(json.dumps({"commit": "abc", "dirty": False}), out / f"seed_{seed}" / "commit.json")
+    for method in methods:
+        for name in powered.KEPT_PER_RUN:
+            write(f"{method} {name}\n", out / f"seed_{seed}" / method / name)
+        write("weights", out / f"seed_{seed}" / method / "best" / "model.safetensors")
+
+
+def test_finished_seeds_are_kept_and_restored_for_the_same_teacher(tmp_path: Path) -> None:
+    out, kept = tmp_path / "run", tmp_path / "results" / "seeds"
+    _finished_seed(out, 0, METHODS)
+    _finished_seed(out, 1, METHODS[:1])  # half done: not kept
+    powered.keep_finished_seeds(out, kept, METHODS)
+    assert sorted(p.name for p in kept.iterdir()) == ["seed_0"]
+    assert not (kept / "seed_0" / "kd" / "best").exists()  # the weights stay behind
+
+    teacher = tmp_path / "teacher"
+    write("teacher weights", teacher / "model.safetensors")
+    sha = powered.weights_sha256(teacher)
+    write(json.dumps({"weights_sha256": sha}), kept / "teacher.json")
+
+    fresh = tmp_path / "fresh"
+    write("other weights", tmp_path / "other" / "model.safetensors")
+    powered.restore_kept_seeds(kept, fresh, powered.weights_sha256(tmp_path / "other"))
+    assert not (fresh / "seed_0").exists()  # another teacher: nothing reused
+
+    powered.restore_kept_seeds(kept, fresh, sha)
+    for method in METHODS:
+        assert (fresh / "seed_0" / method / "done.json").read_text() == f"{method} done.json\n"
+    assert powered.seed_is_done(fresh / "seed_0", METHODS)
