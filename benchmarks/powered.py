@@ -33,7 +33,7 @@ from pathlib import Path
 from metadistil_scale.checkpoint import atomic_write_text
 from metadistil_scale.config import ConfigError, load_config
 from metadistil_scale.experiment import run_experiment
-from metadistil_scale.trainer import fine_tune_teacher, load_task, resolve_device
+from metadistil_scale.trainer import StopRequested, fine_tune_teacher, load_task, resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_OUTPUTS = ("config.yaml", "runs.json", "runs.csv", "summary.json", "summary.csv", "summary.md",
@@ -161,4 +161,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StopRequested as stop:  # Ctrl-C or SIGTERM: the run stopped after a checkpoint; rerunning continues it
+        print(f"{stop}\nrerun `python benchmarks/powered.py` to continue", file=sys.stderr)
+        sys.exit(stop.exit_code)
