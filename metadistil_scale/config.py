@@ -141,6 +141,10 @@ class Config:
     student_train: StageConfig = field(default_factory=lambda: StageConfig(max_steps=100, optim=OptimConfig(lr=2e-4)))
     deepspeed_teacher: str | None = None
     deepspeed_student: str | None = None
+    # Where every metrics.jsonl record also goes (trackers.py): any of tensorboard, wandb, mlflow; their local
+    # files under `tracking_dir` (default: <output_dir>/tracking).
+    trackers: list[str] = field(default_factory=list)
+    tracking_dir: str | None = None
 
 
 # ---------------------------------------------------------------- loading
@@ -424,6 +428,21 @@ def validate(c: Config) -> None:
         v = getattr(c, key)
         if v is not None and not Path(v).is_file():
             raise ConfigError(f"{key}: DeepSpeed config not found: {v}")
+    validate_trackers(c.trackers)
+
+
+def validate_trackers(trackers: list[str]) -> None:
+    """Known names, each once, with its package installed (checked here, before any work starts)."""
+    from metadistil_scale.trackers import TRACKER_PACKAGES, missing_package
+
+    for i, name in enumerate(trackers):
+        require(name in TRACKER_PACKAGES, f"trackers[{i}]", f"one of {tuple(TRACKER_PACKAGES)}", name)
+    require(len(set(trackers)) == len(trackers), "trackers", "no repeated tracker", trackers)
+    for name in trackers:
+        package = missing_package(name)
+        if package is not None:
+            raise ConfigError(f"trackers: {name!r} needs the {package} package: pip install {package} "
+                              "(or pip install 'metadistil-scale[trackers]')")
 
 
 def _check_model_source(source: str, key: str) -> None:

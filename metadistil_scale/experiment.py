@@ -32,6 +32,7 @@ from metadistil_scale.config import Config, save_config
 from metadistil_scale.methods import get_method
 from metadistil_scale.metrics import primary_metric
 from metadistil_scale.report import per_example_bootstrap, plot_curves, summarize, write_summary
+from metadistil_scale.trackers import open_trackers, tracking_root
 from metadistil_scale.trainer import (
     StageResult,
     build_models,
@@ -85,7 +86,9 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     records = []
     for seed in cfg.seeds:
-        run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"seed_{seed}"))
+        # One tracking folder for the whole experiment: its runs are named seed_<s>/<method>.
+        run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"seed_{seed}"),
+                                      tracking_dir=str(tracking_root(cfg)))
         seed_dir = Path(run_cfg.output_dir)
         teacher_dir, teacher_result = fine_tune_teacher(run_cfg, task, seed_dir, device, resume, None)
         if teacher_result is None:  # a given teacher checkpoint: measure it
@@ -116,6 +119,8 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                        f"({result.wall_time_s:.0f} s)")
 
     summary = write_report(records, out, task=task.info.name, metric=metric) if main else None
+    with open_trackers(cfg, out / "summary", enabled=main) as trackers:
+        trackers.log_images(sorted(out.glob("*.png")))
     return dist.broadcast_object(summary)
 
 

@@ -37,6 +37,7 @@ from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
 from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
+from metadistil_scale.trackers import open_trackers
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -317,7 +318,8 @@ def run_stage(
     start_time = time.perf_counter() - state["wall_time_s"]
     bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False, disable=not main)
     # The bar is closed (its line cleared) however the loop ends, so an error prints on a line of its own.
-    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log, StopSignals() as signals, bar:
+    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log, StopSignals() as signals, bar, \
+            open_trackers(cfg, out_dir, enabled=main, start_step=state["step"]) as trackers:
         while state["step"] < steps:
             step = state["step"]
             parts = to_device(stream(step), device)
@@ -335,6 +337,7 @@ def run_stage(
             if state["step"] % cfg.log_every == 0 or f"dev_{metric_key}" in record:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                trackers.log(record, state["step"])
             state["wall_time_s"] = time.perf_counter() - start_time
             if f"dev_{metric_key}" in record or state["step"] == steps:
                 save_last()
