@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --pair large          # a 12-layer x 384 teacher -> 6 layers
     python benchmarks/bench_step.py --pair tiny           # a 4-layer x 128 teacher -> 2 layers
     python benchmarks/bench_step.py --batch 8 --length 32 --steps 2   # a quick look
+    python benchmarks/bench_step.py --configs kd "kd cached"          # KD with and without the teacher cache
 
 Peak memory is the process's peak resident set size (VmHWM) minus its resident size once the models,
 optimizers and batches exist, i.e. what the step itself adds (activations, graphs, gradients, optimizer
@@ -32,6 +33,7 @@ from peak_memory import status_kib
 CONFIGS = {
     "finetune": {},
     "kd": {},
+    "kd cached": {},  # the teacher's logits from a teacher cache filled over the batches before timing
     "metadistil jvp lean": {"u_mode": "jvp", "schedule": "lean"},
     "metadistil jvp fast": {"u_mode": "jvp", "schedule": "fast"},
     "metadistil fd lean": {"u_mode": "finite-difference", "schedule": "lean"},
@@ -85,7 +87,7 @@ def torch_seed() -> None:
 
 
 def is_meta(name: str) -> bool:
-    return name not in ("finetune", "kd")
+    return name not in ("finetune", "kd", "kd cached")
 
 
 def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> Callable[..., dict]:
@@ -118,11 +120,12 @@ def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> 
 
         def step(i: int, diagnostics: bool = False) -> dict:
             return finetune_step(model, batches[i % n_batches], "teacher", regression=False)
-    elif name == "kd":
+    elif name in ("kd", "kd cached"):
         t, s = TorchModel(teacher.eval(), None), TorchModel(student.train(), optim, 100)
+        cache = filled_cache(t, batches) if name == "kd cached" else None
 
         def step(i: int, diagnostics: bool = False) -> dict:
-            return kd_step(t, s, batches[i % n_batches], distill, regression=False)
+            return kd_step(t, s, batches[i % n_batches], distill, regression=False, cache=cache)
     else:
         meta = MetaDistil(TorchModel(teacher.eval(), optim, 100), TorchModel(student.train(), optim, 100),
                           distill, MetaConfig(**CONFIGS[name]))
@@ -130,6 +133,20 @@ def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> 
         def step(i: int, diagnostics: bool = False) -> dict:
             return meta.step(batches[i % n_batches], quizzes[i % n_batches], diagnostics=diagnostics)
     return step
+
+
+def filled_cache(teacher, batches: list[list[dict]]):
+    """A teacher cache that holds every row of `batches` (kept in memory; the timed steps only read it)."""
+    import tempfile
+    from pathlib import Path
+
+    from metadistil_scale.teacher_cache import TeacherCache
+
+    cache = TeacherCache(Path(tempfile.mkdtemp(prefix="teacher-cache-")))
+    for parts in batches:
+        for part in parts:
+            cache.logits(teacher, part["teacher"])
+    return cache
 
 
 def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:

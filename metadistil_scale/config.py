@@ -103,6 +103,16 @@ class MetaConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """The frozen teacher's logits kept by input row and reused (teacher_cache.py): exact, for KD and the
+    first `meta.frozen_steps` steps of MetaDistil."""
+
+    enabled: bool = False
+    # Shared by every run pointed at it; a folder per teacher inside (default: <output_dir>/teacher_cache).
+    dir: str | None = None
+
+
+@dataclass
 class StageConfig:
     """One training stage's budget and optimizer (teacher fine-tuning, or the student's distillation)."""
 
@@ -145,6 +155,7 @@ class Config:
     # files under `tracking_dir` (default: <output_dir>/tracking).
     trackers: list[str] = field(default_factory=list)
     tracking_dir: str | None = None
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -429,6 +440,9 @@ def validate(c: Config) -> None:
         if v is not None and not Path(v).is_file():
             raise ConfigError(f"{key}: DeepSpeed config not found: {v}")
     validate_trackers(c.trackers)
+    # A sharded teacher's forward is collective: every rank must run it, hit or miss.
+    require(not (c.teacher_cache.enabled and c.deepspeed_teacher), "teacher_cache.enabled",
+            "false with deepspeed_teacher (a sharded teacher's forward involves every rank)", c.teacher_cache.enabled)
 
 
 def validate_trackers(trackers: list[str]) -> None:

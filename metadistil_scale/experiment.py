@@ -32,6 +32,7 @@ from metadistil_scale.config import Config, save_config
 from metadistil_scale.methods import get_method
 from metadistil_scale.metrics import primary_metric
 from metadistil_scale.report import per_example_bootstrap, plot_curves, summarize, write_summary
+from metadistil_scale.teacher_cache import cache_root
 from metadistil_scale.trackers import open_trackers, tracking_root
 from metadistil_scale.trainer import (
     StageResult,
@@ -86,9 +87,10 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     records = []
     for seed in cfg.seeds:
-        # One tracking folder for the whole experiment: its runs are named seed_<s>/<method>.
+        # One tracking folder and one teacher cache for the whole experiment (runs named seed_<s>/<method>).
         run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"seed_{seed}"),
-                                      tracking_dir=str(tracking_root(cfg)))
+                                      tracking_dir=str(tracking_root(cfg)),
+                                      teacher_cache=dataclasses.replace(cfg.teacher_cache, dir=str(cache_root(cfg))))
         seed_dir = Path(run_cfg.output_dir)
         teacher_dir, teacher_result = fine_tune_teacher(run_cfg, task, seed_dir, device, resume, None)
         if teacher_result is None:  # a given teacher checkpoint: measure it

@@ -17,6 +17,7 @@ from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
 from metadistil_scale.meta import MetaDistil, teacher_update_steps
 from metadistil_scale.steps import Batch, finetune_step, kd_step
+from metadistil_scale.teacher_cache import TeacherCache
 
 BatchSource = Callable[[int], list[Batch]]  # a BatchStream: step -> micro-batches
 
@@ -36,6 +37,7 @@ class StepContext:
     metadistil: MetaDistil | None = None
     quiz_stream: BatchSource | None = None
     pilot_stream: BatchSource | None = None
+    teacher_cache: TeacherCache | None = None  # the frozen teacher's logits by row (teacher_cache.py)
 
 
 class Method:
@@ -75,6 +77,8 @@ class KD(Method):
     uses_teacher = True
 
     def step(self, ctx: StepContext, step: int, parts: list[Batch], logged: bool) -> dict[str, float]:
+        if ctx.teacher_cache is not None:
+            return _cached_kd_step(ctx, parts)
         return kd_step(ctx.teacher, ctx.student, parts, ctx.distill, ctx.regression)
 
 
@@ -90,6 +94,8 @@ class MetaDistilMethod(Method):
     def step(self, ctx: StepContext, step: int, parts: list[Batch], logged: bool) -> dict[str, float]:
         meta = ctx.meta
         update = step >= meta.frozen_steps and (step - meta.frozen_steps) % meta.interval == 0
+        if step < meta.frozen_steps and ctx.teacher_cache is not None:  # the frozen teacher: a KD step, cached
+            return {**_cached_kd_step(ctx, parts), "teacher_updated": 0.0}
         quiz = _to_device(ctx.quiz_stream(step), ctx.device) if update else []
         pilot = None
         if update and ctx.pilot_stream is not None:
@@ -120,6 +126,12 @@ def get_method(name: str) -> Method:
         return METHOD_REGISTRY[name]()
     except KeyError:
         raise UnknownMethodError(f"unknown method {name!r}: one of {tuple(METHOD_REGISTRY)}") from None
+
+
+def _cached_kd_step(ctx: StepContext, parts: list[Batch]) -> dict[str, float]:
+    """A KD step whose teacher logits come through the cache, with the share of rows it found there."""
+    record = kd_step(ctx.teacher, ctx.student, parts, ctx.distill, ctx.regression, ctx.teacher_cache)
+    return {**record, "teacher_cache_hit_rate": ctx.teacher_cache.take_hit_rate()}
 
 
 def _to_device(parts: list[Batch], device: torch.device) -> list[Batch]:

@@ -12,6 +12,7 @@ from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.config import DistillConfig
 from metadistil_scale.lm.chunked import IGNORE_INDEX
 from metadistil_scale.losses import hard_loss_sum, student_loss_sum
+from metadistil_scale.teacher_cache import TeacherCache, frozen_teacher_logits
 
 Batch = dict
 
@@ -39,14 +40,14 @@ def finetune_step(model: TorchModel, parts: list[Batch], role: str, regression: 
 
 
 def kd_step(
-    teacher: TorchModel, student: TorchModel, parts: list[Batch], cfg: DistillConfig, regression: bool
+    teacher: TorchModel, student: TorchModel, parts: list[Batch], cfg: DistillConfig, regression: bool,
+    cache: TeacherCache | None = None,
 ) -> dict[str, float]:
     """Classic KD: the student steps on α·CE + (1−α)·soft against the current (frozen) teacher."""
     n = count_rows(parts, student)
     total = 0.0
     for part in parts:
-        with torch.no_grad():
-            teacher_logits = teacher(part["teacher"])
+        teacher_logits = frozen_teacher_logits(teacher, part["teacher"], cache)  # `cache`: teacher_cache.py
         loss = student_loss_sum(student(part["student"]), teacher_logits, part["labels"], cfg, regression) / n
         student.backward(loss)
         total += loss.item()

@@ -37,6 +37,7 @@ from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
 from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
+from metadistil_scale.teacher_cache import open_teacher_cache
 from metadistil_scale.trackers import open_trackers
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -319,7 +320,8 @@ def run_stage(
     bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False, disable=not main)
     # The bar is closed (its line cleared) however the loop ends, so an error prints on a line of its own.
     with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log, StopSignals() as signals, bar, \
-            open_trackers(cfg, out_dir, enabled=main, start_step=state["step"]) as trackers:
+            open_trackers(cfg, out_dir, enabled=main, start_step=state["step"]) as trackers, \
+            ctx.teacher_cache or contextlib.nullcontext():  # the cache writes its new rows when the stage ends
         while state["step"] < steps:
             step = state["step"]
             parts = to_device(stream(step), device)
@@ -433,6 +435,7 @@ def _step_context(method: Method, cfg: Config, task: Task, stage_key: str, role:
                                    method.teacher_schedule_steps(cfg.meta, steps), ds_config=cfg.deepspeed_teacher,
                                    ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
     ctx = StepContext(student_model, teacher_model, cfg.distill, cfg.meta, device, role, task.info.is_regression)
+    ctx.teacher_cache = open_teacher_cache(cfg, method, teacher)
     if method.trains_teacher:
         ctx.metadistil = MetaDistil(teacher_model, student_model, cfg.distill, cfg.meta, task.info.is_regression)
     if method.needs_quiz:

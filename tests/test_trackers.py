@@ -35,9 +35,14 @@ def tracked_run(tmp_path_factory) -> Path:
     return out
 
 
-def jsonl_series(out: Path, key: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (out / "kd" / "metrics.jsonl").read_text().splitlines()]
+def jsonl_values(stage: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in each record of a stage's metrics.jsonl that has it."""
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r[key]) for r in records if key in r]
+
+
+def jsonl_series(out: Path, key: str) -> list[tuple[int, float]]:
+    return jsonl_values(out / "kd", key)
 
 
 @pytest.mark.slow
