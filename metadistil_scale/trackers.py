@@ -56,16 +56,19 @@ class RunInfo:
     name: str  # the stage's folder relative to the run folder: "kd", "seed_1/metadistil", "summary"
     group: str  # the run folder's name: the W&B group and the default MLflow experiment
     config: dict[str, Any]  # the resolved config, as nested mappings
+    start_step: int = 0  # a resumed stage's step (its checkpoint's); 0 for a fresh start
 
     @property
     def params(self) -> dict[str, Any]:
         """The config flattened to dotted keys (`student_train.optim.lr`), for trackers with flat parameters."""
         return flatten(self.config)
-    start_step: int = 0  # a resumed stage's step: TensorBoard drops the events it had written after it
 
 
 class Tracker:
-    """One tracker run. Subclasses open it in __init__ and implement the three calls."""
+    """One tracker run. Subclasses open it in __init__(run, resume_id) and implement the three calls; a
+    tracker with runs of its own sets `run_id`, which a resumed stage hands back as `resume_id`."""
+
+    run_id: str | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         raise NotImplementedError
@@ -79,10 +82,12 @@ class Tracker:
 
 
 class TensorBoardTracker(Tracker):
-    def __init__(self, run: RunInfo) -> None:
+    def __init__(self, run: RunInfo, resume_id: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run.root / "tensorboard" / run.name), purge_step=run.start_step or None)
+        # A resumed stage writes its records after the checkpoint's step again: TensorBoard drops the old ones.
+        purge = run.start_step + 1 if run.start_step else None
+        self.writer = SummaryWriter(str(run.root / "tensorboard" / run.name), purge_step=purge)
         table = "\n".join(f"| {k} | {v} |" for k, v in run.params.items())
         self.writer.add_text("config", "| key | value |\n| --- | --- |\n" + table, global_step=run.start_step)
 
@@ -101,12 +106,14 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    def __init__(self, run: RunInfo) -> None:
+    def __init__(self, run: RunInfo, resume_id: str | None = None) -> None:
         import wandb
 
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run.name, group=run.group,
-                              dir=str(run.root), config=run.config, reinit="create_new")
+                              dir=str(run.root), config=run.config, reinit="create_new", id=resume_id,
+                              resume="allow" if resume_id else None)
+        self.run_id = self.run.id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -121,7 +128,7 @@ class WandbTracker(Tracker):
 class MlflowTracker(Tracker):
     BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
 
-    def __init__(self, run: RunInfo) -> None:
+    def __init__(self, run: RunInfo, resume_id: str | None = None) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -129,6 +136,9 @@ class MlflowTracker(Tracker):
         if uri.startswith("file:"):  # MLflow 3 refuses a file store unless this says it is wanted
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
+        self.logged_through = -1  # a resumed run's last step: steps up to it were logged before the stop
+        if resume_id is not None and self._reopen(resume_id):
+            return
         experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", run.group)
         experiment = self.client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
@@ -137,9 +147,25 @@ class MlflowTracker(Tracker):
         for start in range(0, len(params), self.BATCH):
             self.client.log_batch(self.run_id, params=params[start:start + self.BATCH])
 
+    def _reopen(self, run_id: str) -> bool:
+        """Continue the stopped run `run_id` (its parameters are logged already); False when it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            logged = self.client.get_run(run_id).data.metrics
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        steps = [m.step for key in logged for m in self.client.get_metric_history(run_id, key)]
+        self.logged_through = max(steps, default=-1)
+        return True
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:  # logged before a crash; a resumed run repeats it exactly
+            return
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
@@ -185,13 +211,20 @@ def open_trackers(cfg: Config, folder: Path, *, enabled: bool = True, start_step
     if not enabled or not cfg.trackers:
         yield Trackers([])
         return
+    from metadistil_scale.checkpoint import atomic_write_text  # imports torch, which config validation avoids
+
     base = run_folder(folder)
     name = str(folder.resolve().relative_to(base))
     run = RunInfo(tracking_root(cfg), name, base.name, dataclasses.asdict(cfg), start_step)
+    ids_path = folder / "trackers.json"  # the stage's tracker run ids, so that a resumed stage continues them
+    resume_ids = json.loads(ids_path.read_text()) if start_step > 0 and ids_path.is_file() else {}
     opened: list[Tracker] = []
     try:
         for tracker in cfg.trackers:
-            opened.append(TRACKER_CLASSES[tracker](run))
+            opened.append(TRACKER_CLASSES[tracker](run, resume_ids.get(tracker)))
+        ids = {name: tracker.run_id for name, tracker in zip(cfg.trackers, opened) if tracker.run_id}
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(ids) + "\n", ids_path)
         yield Trackers(opened)
     except BaseException:
         for tracker in opened:

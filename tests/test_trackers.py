@@ -5,6 +5,7 @@ before any work."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -13,26 +14,7 @@ import pytest
 from test_trainer import save_tiny_bert, tiny_config
 
 from metadistil_scale.cli import main
-from metadistil_scale.trainer import train
-
-
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory) -> Path:
-    """A 6-step KD run (teacher given) with all three trackers, W&B offline: nothing leaves the machine."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("WANDB_SILENT", "true")
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
-        mp.delenv(name, raising=False)
-    root = tmp_path_factory.mktemp("tracked")
-    teacher = save_tiny_bert(root / "teacher", 2, 2, seed=0)
-    student = save_tiny_bert(root / "student", 2, 2, seed=1)
-    out = root / "run"
-    try:
-        train(tiny_config(out, teacher, student, "methods=[kd]", "trackers=[tensorboard, mlflow, wandb]"))
-    finally:
-        mp.undo()
-    return out
+from metadistil_scale.trainer import StopRequested, train
 
 
 def jsonl_values(stage: Path, key: str) -> list[tuple[int, float]]:
@@ -43,6 +25,42 @@ def jsonl_values(stage: Path, key: str) -> list[tuple[int, float]]:
 
 def jsonl_series(out: Path, key: str) -> list[tuple[int, float]]:
     return jsonl_values(out / "kd", key)
+
+
+def mlflow_kd_run(out: Path):
+    """The MLflow client on the run's file store and its one run of the kd stage."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as the tracker sets it for a file store
+    client = MlflowClient(tracking_uri=(out / "tracking" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name(out.name)  # the run folder's name
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def tracked_config(out: Path, models: tuple[Path, Path], *extra: str):
+    return tiny_config(out, *models, "methods=[kd]", "trackers=[tensorboard, mlflow, wandb]", *extra)
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """W&B offline, MLflow and W&B on their defaults (the run's own folders): nothing leaves the machine."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_SILENT", "true")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
+        mp.delenv(name, raising=False)
+    root = tmp_path_factory.mktemp("tracked")
+    yield save_tiny_bert(root / "teacher", 2, 2, seed=0), save_tiny_bert(root / "student", 2, 2, seed=1)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tracked_run(offline, tmp_path_factory) -> Path:
+    """A 6-step KD run (teacher given) with all three trackers."""
+    out = tmp_path_factory.mktemp("tracked_run") / "run"
+    train(tracked_config(out, offline))
+    return out
 
 
 @pytest.mark.slow
@@ -60,13 +78,8 @@ def test_tensorboard_events_hold_every_record(tracked_run):
 
 
 @pytest.mark.slow
-def test_mlflow_file_store_holds_params_and_metrics(tracked_run, monkeypatch):
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=(tracked_run / "tracking" / "mlruns").as_uri())
-    experiment = client.get_experiment_by_name("run")  # the run folder's name
-    (run,) = client.search_runs([experiment.experiment_id])
+def test_mlflow_file_store_holds_params_and_metrics(tracked_run):
+    client, run = mlflow_kd_run(tracked_run)
     assert run.info.run_name == "kd" and run.info.status == "FINISHED"
     assert run.data.params["student_train.max_steps"] == "6"
     assert run.data.params["methods"] == '["kd"]'
@@ -99,20 +112,48 @@ def wandb_records(path: Path):
             yield record
 
 
+def wandb_history(out: Path) -> tuple[set[str], list[tuple[int, float]], dict]:
+    """The run ids, the (step, loss) history and the config of the W&B run files of the kd stage."""
+    ids, history, config = set(), [], {}
+    for run_file in sorted((out / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                history.append((items["_step"], items["loss"]))
+            elif kind == "run":
+                assert record.run.display_name == "kd" and record.run.run_group == out.name
+                ids.add(record.run.run_id)
+                config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+    return ids, history, config
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_history_and_config(tracked_run):
-    (run_file,) = (tracked_run / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")
-    history, config = [], {}
-    for record in wandb_records(run_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            history.append(items)
-        elif kind == "run":
-            assert record.run.display_name == "kd" and record.run.run_group == "run"
-            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
-    assert [(h["_step"], h["loss"]) for h in history] == jsonl_series(tracked_run, "loss")
+    ids, history, config = wandb_history(tracked_run)
+    assert len(ids) == 1 and history == jsonl_series(tracked_run, "loss")
     assert config["student_train"]["max_steps"] == 6 and config["methods"] == ["kd"]
+
+
+@pytest.mark.slow
+def test_a_resumed_stage_continues_its_tracker_runs(offline, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    with pytest.raises(StopRequested):
+        train(tracked_config(out, offline), stop_after=3)
+    train(tracked_config(out, offline), resume=True)
+    expected = jsonl_series(out, "loss")
+    assert [s for s, _ in expected] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(out / "tracking" / "tensorboard" / "kd"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    client, run = mlflow_kd_run(out)  # one run, continued
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == expected
+    ids, history, _ = wandb_history(out)  # offline: one folder per attempt, one run id (`wandb sync` joins them)
+    assert len(ids) == 1 and history == expected
 
 
 @pytest.mark.slow
@@ -147,3 +188,23 @@ def test_experiment_runs_are_named_by_seed_and_plots_go_to_the_summary_run(tmp_p
     summary = EventAccumulator(str(board / "summary"))
     summary.Reload()
     assert summary.Tags()["images"] == ["dev_curves"]
+
+
+def test_a_resumed_mlflow_run_skips_the_steps_it_logged_before_a_crash(tmp_path, monkeypatch):
+    from metadistil_scale.trackers import MlflowTracker, RunInfo
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    info = RunInfo(tmp_path, "kd", "run", {"seed": 0})
+    first = MlflowTracker(info)
+    for step in (1, 2, 3):  # logged through step 3; the checkpoint the run resumes from is at step 2
+        first.log_metrics({"loss": float(step)}, step)
+    first.close(failed=True)
+    resumed = MlflowTracker(info, resume_id=first.run_id)
+    for step in (3, 4):
+        resumed.log_metrics({"loss": float(step)}, step)
+    resumed.close()
+    run = resumed.client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"seed": "0"}
+    history = resumed.client.get_metric_history(first.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
