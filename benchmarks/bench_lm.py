@@ -115,12 +115,13 @@ def head_kd_step(h_s, w_s, h_t, w_t, dh, dw, labels, *, chunked: bool) -> tuple:
     from metadistil_scale.config import DistillConfig
     from metadistil_scale.lm.chunked import HeadLogits
     from metadistil_scale.losses import student_loss_sum
+    from metadistil_scale.objectives import Objective
 
     h, w = h_s.detach().requires_grad_(True), w_s.detach().requires_grad_(True)
     student, teacher = HeadLogits(h, w), HeadLogits(h_t, w_t)
     if not chunked:
         student, teacher = student.materialize(), teacher.materialize()
-    student_loss_sum(student, teacher, labels, DistillConfig(**HEAD_DISTILL), regression=False).backward()
+    student_loss_sum(student, teacher, labels, Objective.from_config(DistillConfig(**HEAD_DISTILL))).backward()
     return h.grad, w.grad
 
 
@@ -132,6 +133,7 @@ def head_cotangent_step(h_s, w_s, h_t, w_t, dh, dw, labels, *, chunked: bool) ->
     from metadistil_scale.config import DistillConfig
     from metadistil_scale.lm.chunked import HeadLogits
     from metadistil_scale.losses import contract, tangent_from_jvp, teacher_cotangent
+    from metadistil_scale.objectives import Objective
 
     h, w = h_t.detach().requires_grad_(True), w_t.detach().requires_grad_(True)
     teacher = HeadLogits(h, w)
@@ -139,8 +141,8 @@ def head_cotangent_step(h_s, w_s, h_t, w_t, dh, dw, labels, *, chunked: bool) ->
     if not chunked:
         all_rows = torch.arange(len(labels), device=labels.device)
         teacher, tangent = teacher.materialize(), tangent.rows(all_rows)
-    cotangent = teacher_cotangent(teacher, tangent, None, DistillConfig(**HEAD_DISTILL), pilot_lr=1e-4,
-                                  n_rows=len(labels), regression=False, labels=labels)
+    cotangent = teacher_cotangent(teacher, tangent, None, Objective.from_config(DistillConfig(**HEAD_DISTILL)),
+                                  pilot_lr=1e-4, n_rows=len(labels), labels=labels)
     contract(teacher, cotangent).backward()
     return h.grad, w.grad
 

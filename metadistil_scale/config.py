@@ -79,10 +79,29 @@ class OptimConfig:
 
 
 @dataclass
+class DistillTermConfig:
+    """One term of a distillation objective (metadistil_scale/objectives.py lists the kinds)."""
+
+    kind: str = "kl"
+    weight: float = 1.0
+    temperature: float | None = None  # logit terms; None: distill.temperature
+    # Hidden-state terms: "skip", "last", "uniform" or explicit [student_layer, teacher_layer] pairs, counted as
+    # transformers' hidden_states (0 = the embeddings).
+    layers: str | list[list[int]] = "skip"
+    beta: float = 0.5  # jsd: the mixture weight of the teacher
+    # mse: "sum" over classes (as the `mse` soft loss), or "official": T² x the mean over classes (the official
+    # MetaDistil GLUE code's F.mse_loss over N x C elements, times T²).
+    normalization: str = "sum"
+
+
+@dataclass
 class DistillConfig:
+    # Weight of the hard loss (CE, or MSE for regression). Without `terms`, the soft loss weighs 1 - alpha.
     alpha: float = 0.5
     temperature: float = 5.0
     soft_loss: str = "kl"
+    # When given, the soft part of the objective: these terms with their own weights (soft_loss is then unused).
+    terms: list[DistillTermConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +119,12 @@ class MetaConfig:
     frozen_steps: int = 0
     quiz_batch_size: int = 32
     quiz_seed: int = 1234
+    # The student's quiz forwards (the meta-loss and its gradient) in train mode: dropout on, BatchNorm on batch
+    # statistics. The official GLUE code runs them without dropout (false).
+    quiz_train_mode: bool = True
+    # Every teacher update reads the whole quiz set (micro-batches of quiz_batch_size) instead of one batch, as the
+    # official GLUE code: exact, and as many quiz forwards+backwards per update as the set has micro-batches.
+    quiz_whole_set: bool = False
 
 
 @dataclass
@@ -375,6 +400,11 @@ def validate_distill(d: DistillConfig, key: str = "distill") -> None:
     require(0 <= d.alpha <= 1, f"{key}.alpha", "in [0, 1]", d.alpha)
     require(0.05 <= d.temperature <= 100, f"{key}.temperature", "in [0.05, 100]", d.temperature)
     require(d.soft_loss in SOFT_LOSSES, f"{key}.soft_loss", f"one of {SOFT_LOSSES}", d.soft_loss)
+    if d.terms:
+        from metadistil_scale.objectives import validate_term  # the term registry lives beside the losses
+
+        for i, term in enumerate(d.terms):
+            validate_term(term, f"{key}.terms[{i}]")
 
 
 def validate_meta(m: MetaConfig, key: str = "meta") -> None:

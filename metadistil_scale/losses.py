@@ -8,14 +8,18 @@ Rows labelled -100 (padding tokens of a causal LM) carry no loss.
 
 Causal LMs hand their logits over as HeadLogits (final hidden states and the LM head, lm/chunked.py); every
 function here dispatches on that type to the row-chunked path, so the MetaDistil step is written once.
+
+What the student's loss is comes from an objectives.Objective: today's alpha/temperature/soft_loss objective
+runs on the fused kernels and closed-form cotangents (the fast path); any other mix of terms runs through the
+objective's loss functions and the generic cotangent (a double backward through the loss alone).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
-from metadistil_scale.config import DistillConfig
 from metadistil_scale.kernels import kd_loss, kd_loss_reference, meta_cotangent
 from metadistil_scale.lm.chunked import (
     IGNORE_INDEX,
@@ -29,11 +33,21 @@ from metadistil_scale.lm.chunked import (
     head_kd_loss_sum,
     head_tangent,
 )
+from metadistil_scale.objectives import (
+    Cotangent,
+    Objective,
+    Outputs,
+    contract_generic,
+    detach_outputs,
+    generic_cotangent,
+    logits_in,
+)
 
 Logits = torch.Tensor | HeadLogits
 
 
-def hard_loss_sum(logits: Logits, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def hard_loss_sum(logits: Logits | Outputs, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    logits = logits_in(logits)
     if isinstance(logits, HeadLogits):
         return head_ce_sum(logits, labels)
     if regression:
@@ -42,23 +56,41 @@ def hard_loss_sum(logits: Logits, labels: torch.Tensor, regression: bool) -> tor
 
 
 def student_loss_sum(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_logits: Logits | Outputs,
+    teacher_logits: Logits | Outputs,
     labels: torch.Tensor,
-    cfg: DistillConfig,
-    regression: bool,
+    objective: Objective,
+    mask: torch.Tensor | None = None,
     *,
     through_teacher: bool = False,
 ) -> torch.Tensor:
-    """α·hard + (1−α)·soft, summed over rows. `through_teacher` keeps the teacher logits differentiable
-    (the unrolled reference needs ∂/∂z_t of the student's gradient)."""
+    """hard_weight·hard + the soft terms, summed over rows. `through_teacher` keeps the teacher outputs
+    differentiable (the unrolled reference needs ∂/∂O_t of the student's gradient). `mask`: the attention
+    mask of the inputs, for terms over tokens."""
+    if objective.fast:
+        return _legacy_loss_sum(student_logits, teacher_logits, labels, objective, through_teacher)
+    if isinstance(student_logits, HeadLogits):
+        raise ValueError("distill.terms: the causal-LM chunked path runs only the alpha/temperature/soft_loss "
+                         "objective")
+    if not through_teacher:
+        teacher_logits = detach_outputs(teacher_logits)
+    soft = objective.soft_sum(student_logits, teacher_logits, mask)
+    if objective.hard_weight == 0:
+        return soft
+    return soft + objective.hard_weight * hard_loss_sum(student_logits, labels, objective.hard == "mse")
+
+
+def _legacy_loss_sum(student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor, objective: Objective,
+                     through_teacher: bool) -> torch.Tensor:
+    """α·hard + (1−α)·soft on the fused kernels (the chunked path for a causal LM)."""
+    cfg = objective.legacy
     if isinstance(student_logits, HeadLogits):
         if not through_teacher:
             return head_kd_loss_sum(student_logits, teacher_logits, labels, cfg)
         # The create_graph reference needs a twice-differentiable loss: it materialises [N, V].
         student_logits, teacher_logits = student_logits.materialize(), teacher_logits.materialize()
         labels = labels.reshape(-1)
-    if regression:
+    if objective.hard == "mse":
         s, t = student_logits.squeeze(-1), teacher_logits.squeeze(-1)
         if not through_teacher:
             t = t.detach()
@@ -71,18 +103,21 @@ def student_loss_sum(
 
 
 def teacher_cotangent(
-    teacher_logits: torch.Tensor,
-    tangent: torch.Tensor,
-    student_logits: torch.Tensor | None,
-    cfg: DistillConfig,
+    teacher_logits: Logits | Outputs,
+    tangent: torch.Tensor | Outputs,
+    student_logits: Logits | Outputs | None,
+    objective: Objective,
     pilot_lr: float,
     n_rows: int,
-    regression: bool,
     labels: torch.Tensor | None = None,
-) -> torch.Tensor | HeadCotangent:
-    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (each form derived in docs/metagrad.md §2).
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor | HeadCotangent | Cotangent:
+    """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (each form derived in docs/metagrad.md §2–3).
     Rows labelled -100 have no loss, hence w = 0 there."""
-    if regression:
+    if not objective.fast:
+        return generic_cotangent(objective, student_logits, teacher_logits, tangent, mask, pilot_lr / n_rows)
+    cfg = objective.legacy
+    if objective.hard == "mse":
         # soft = (s − t)²  ⇒  ⟨∇_s, u⟩ = 2(1−α)/N (s − t)·u  ⇒  −λ ∂/∂t = 2λ(1−α)/N · u
         return (2 * pilot_lr * (1 - cfg.alpha) / n_rows) * tangent
     if cfg.soft_loss == "kl":
@@ -105,20 +140,24 @@ def teacher_cotangent(
     return w
 
 
-def tangent_from_jvp(primal: Logits, tangent: Logits) -> torch.Tensor | HeadTangent:
+def tangent_from_jvp(primal: Logits | Outputs, tangent: Logits | Outputs) -> torch.Tensor | HeadTangent | Outputs:
     """u from torch.func.jvp's (primal, tangent) output: the tangent itself, or H/W factors for HeadLogits."""
     return head_tangent(primal, tangent) if isinstance(primal, HeadLogits) else tangent
 
 
-def central_difference(plus: Logits, minus: Logits, eps: float) -> torch.Tensor | HeadTangent:
-    """u ≈ (f(θ+εv) − f(θ−εv)) / 2ε."""
+def central_difference(plus: Logits | Outputs, minus: Logits | Outputs, eps: float
+                       ) -> torch.Tensor | HeadTangent | Outputs:
+    """u ≈ (f(θ+εv) − f(θ−εv)) / 2ε, for every output."""
     if isinstance(plus, HeadLogits):
         return head_central_difference(plus, minus, eps)
-    return (plus - minus) / (2 * eps)
+    return tree_map(lambda a, b: (a - b) / (2 * eps), plus, minus)
 
 
-def contract(teacher_logits: Logits, cotangent: torch.Tensor | HeadCotangent) -> torch.Tensor:
-    """The surrogate ⟨z_t, w⟩ whose backward through the teacher gives J_tᵀ w."""
+def contract(teacher_logits: Logits | Outputs, cotangent: torch.Tensor | HeadCotangent | Cotangent
+             ) -> torch.Tensor:
+    """The surrogate ⟨O_t, w⟩ whose backward through the teacher gives J_tᵀ w."""
     if isinstance(teacher_logits, HeadLogits):
         return head_contract(teacher_logits, cotangent)
+    if isinstance(cotangent, list):
+        return contract_generic(teacher_logits, cotangent)
     return (teacher_logits * cotangent).sum()

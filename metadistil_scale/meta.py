@@ -12,7 +12,9 @@ u = J_s(θs; x)·v and p = softmax(z_t/T),
     mse: w = 2λ(1−α)/(N·T²) · p ⊙ (r − ⟨p, r⟩),  r = q ⊙ (u − ⟨q, u⟩),  q = softmax(z_s/T)
     ∇θt L_meta = J_t(θt; x)ᵀ · w                                       (one teacher backward)
 docs/metagrad.md derives each form (§2), says why no second-order graph is needed (§5) and counts the
-passes of each schedule (§7).
+passes of each schedule (§7). Any other distillation objective (objectives.py: hidden-state terms, reverse KL,
+JSD, ...) gets w for every teacher output it reads by a double backward through its loss function alone, with u
+for every student output from the same one JVP (§3).
 
 u comes from one of three interchangeable u-modes: `jvp` (forward-mode AD), `finite-difference` (two no-grad
 forwards) or `unrolled` (the create_graph reference, which yields the teacher gradient directly).
@@ -39,6 +41,7 @@ from metadistil_scale.losses import (
     tangent_from_jvp,
     teacher_cotangent,
 )
+from metadistil_scale.objectives import Objective, attention_mask, detach_outputs
 from metadistil_scale.replay import ForwardRandomness
 from metadistil_scale.steps import Batch, count_rows, kd_step
 
@@ -75,12 +78,13 @@ class MetaDistil:
     ) -> None:
         self.teacher, self.student = teacher, student
         self.distill, self.meta, self.regression = distill, meta, regression
+        self.objective = Objective.from_config(distill, regression)
 
     # ------------------------------------------------------------------ functional student
 
     def _student_at(self, params: Params, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The student's logits at `params`, with copied buffers so that the pilot, quiz and JVP passes
-        leave BatchNorm running statistics alone."""
+        """The student's logits (or the objective's outputs) at `params`, with copied buffers so that the
+        pilot, quiz and JVP passes leave BatchNorm running statistics alone."""
         module = self.student.functional_module
         buffers = {n: b.clone() for n, b in module.named_buffers()}
         return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
@@ -110,16 +114,30 @@ class MetaDistil:
         grad = {k: torch.zeros_like(t) for k, t in leaves.items()} if want_grad else {}
         total = 0.0
         for part in quiz:
-            with torch.set_grad_enabled(want_grad):
+            with torch.set_grad_enabled(want_grad), self._quiz_mode():
                 loss = hard_loss_sum(self._student_at(leaves, part["student"]), part["labels"], self.regression)
                 loss = loss / n_quiz
-            if want_grad:
-                for k, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
-                    grad[k] += g
+            if want_grad:  # parameters the quiz does not reach (a distillation projection) get a zero gradient
+                for k, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
+                    if g is not None:
+                        grad[k] += g
             total += loss.item()
         if want_grad:
             self.student.all_reduce_sum_(list(grad.values()))
         return self.student.all_reduce_sum(total), grad
+
+    @contextlib.contextmanager
+    def _quiz_mode(self) -> Iterator[None]:
+        """The student's quiz forwards in train mode, or in eval mode (no dropout, BatchNorm's running
+        statistics) when `meta.quiz_train_mode` is off, as the official GLUE code."""
+        module = self.student.functional_module
+        was_training = module.training
+        if not self.meta.quiz_train_mode:
+            module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
 
     # ------------------------------------------------------------------ the step
 
@@ -172,10 +190,11 @@ class MetaDistil:
         n = count_rows(parts, self.student)
         params = self.student.trainable()
         theta = {k: p.detach() for k, p in params.items()}
+        outputs_of = self.objective.inputs  # the inputs that make each model return what the objective reads
 
         with timer("teacher_forward"):  # fast: keep the graph for the teacher backward at the end
             with torch.set_grad_enabled(fast):
-                teacher_logits = [self.teacher(p["teacher"]) for p in parts]
+                teacher_logits = [self.teacher(outputs_of(p["teacher"])) for p in parts]
 
         with timer("pilot"):
             g = {k: torch.zeros_like(t) for k, t in theta.items()}
@@ -186,14 +205,14 @@ class MetaDistil:
                 # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
                 # lean: the real step forwards again, so here the buffers are protected.
                 with drawn[-1].record():
-                    z_s = (self.student(part["student"]) if fast and keep
-                           else self._student_at(params, part["student"]))
-                loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
+                    z_s = (self.student(outputs_of(part["student"])) if fast and keep
+                           else self._student_at(params, outputs_of(part["student"])))
+                loss = student_loss_sum(z_s, z_t, part["labels"], self.objective, attention_mask(part["student"])) / n
                 grads = torch.autograd.grad(loss, list(params.values()), retain_graph=fast and keep)
                 for k, gk in zip(g, grads):
                     g[k] += gk
                 loss_total += loss.item()
-                student_logits.append(z_s.detach())
+                student_logits.append(detach_outputs(z_s))
                 if fast and keep:
                     kept.append(z_s)
             self.student.all_reduce_sum_(list(g.values()))
@@ -207,17 +226,17 @@ class MetaDistil:
         with timer("tangent"):
             cotangents = []
             for part, z_t, z_s, randomness in zip(parts, teacher_logits, student_logits, drawn):
-                u = self._tangent(theta, v, part["student"], randomness)
+                u = self._tangent(theta, v, outputs_of(part["student"]), randomness)
                 cotangents.append(
-                    teacher_cotangent(z_t, u, z_s, self.distill, self.meta.pilot_lr, n, self.regression,
-                                      part["labels"])
+                    teacher_cotangent(z_t, u, z_s, self.objective, self.meta.pilot_lr, n, part["labels"],
+                                      attention_mask(part["student"]))
                 )
             del v
 
         with timer("teacher_backward"):
             beta = self.meta.teacher_ce_weight
             for i, (part, w) in enumerate(zip(parts, cotangents)):
-                z_t = teacher_logits[i] if fast else self.teacher(part["teacher"])
+                z_t = teacher_logits[i] if fast else self.teacher(outputs_of(part["teacher"]))
                 surrogate = contract(z_t, w)
                 if beta > 0:
                     surrogate = surrogate + beta * hard_loss_sum(z_t, part["labels"], self.regression) / n
@@ -237,18 +256,16 @@ class MetaDistil:
         with timer("pilot"):
             drawn, losses = [], []
             for part in parts:
-                z_t = self.teacher(part["teacher"])
+                z_t = self.teacher(self.objective.inputs(part["teacher"]))
                 drawn.append(ForwardRandomness())
                 with drawn[-1].record():
-                    z_s = self._student_at(params, part["student"])
-                losses.append(
-                    student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression, through_teacher=True)
-                    / n
-                )
+                    z_s = self._student_at(params, self.objective.inputs(part["student"]))
+                losses.append(student_loss_sum(z_s, z_t, part["labels"], self.objective,
+                                               attention_mask(part["student"]), through_teacher=True) / n)
             pilot_loss = sum(losses)
             g = torch.autograd.grad(pilot_loss, list(params.values()), create_graph=True)
             pilot = {k: p - self.meta.pilot_lr * gk for (k, p), gk in zip(params.items(), g)}
-        with timer("quiz"):
+        with timer("quiz"), self._quiz_mode():
             meta_loss = sum(
                 hard_loss_sum(self._student_at(pilot, q["student"]), q["labels"], self.regression) / n_quiz
                 for q in quiz
@@ -273,13 +290,13 @@ class MetaDistil:
         total = 0.0
         for i, part in enumerate(parts):
             with torch.no_grad():
-                z_t = self.teacher(part["teacher"])
+                z_t = self.teacher(self.objective.inputs(part["teacher"]))
             if kept is not None:
                 z_s = kept[i]
             else:
                 with drawn[i].replay() if drawn is not None else contextlib.nullcontext():
-                    z_s = self.student(part["student"])
-            loss = student_loss_sum(z_s, z_t, part["labels"], self.distill, self.regression) / n
+                    z_s = self.student(self.objective.inputs(part["student"]))
+            loss = student_loss_sum(z_s, z_t, part["labels"], self.objective, attention_mask(part["student"])) / n
             self.student.backward(loss)
             total += loss.item()
         return {"loss": self.student.all_reduce_sum(total)}

@@ -12,6 +12,7 @@ from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.config import DistillConfig
 from metadistil_scale.lm.chunked import IGNORE_INDEX
 from metadistil_scale.losses import hard_loss_sum, student_loss_sum
+from metadistil_scale.objectives import Objective, attention_mask
 from metadistil_scale.teacher_cache import TeacherCache, frozen_teacher_logits
 
 Batch = dict
@@ -43,12 +44,18 @@ def kd_step(
     teacher: TorchModel, student: TorchModel, parts: list[Batch], cfg: DistillConfig, regression: bool,
     cache: TeacherCache | None = None,
 ) -> dict[str, float]:
-    """Classic KD: the student steps on α·CE + (1−α)·soft against the current (frozen) teacher."""
+    """Classic KD: the student steps on the distillation objective (α·CE + (1−α)·soft by default) against the
+    current (frozen) teacher."""
     n = count_rows(parts, student)
+    objective = Objective.from_config(cfg, regression)
     total = 0.0
     for part in parts:
-        teacher_logits = frozen_teacher_logits(teacher, part["teacher"], cache)  # `cache`: teacher_cache.py
-        loss = student_loss_sum(student(part["student"]), teacher_logits, part["labels"], cfg, regression) / n
+        # The cache keeps logits only: an objective that reads hidden states runs the teacher.
+        teacher_logits = frozen_teacher_logits(teacher, objective.inputs(part["teacher"]),
+                                               None if objective.reads_hidden else cache)
+        student_logits = student(objective.inputs(part["student"]))
+        loss = student_loss_sum(student_logits, teacher_logits, part["labels"], objective,
+                                attention_mask(part["student"])) / n
         student.backward(loss)
         total += loss.item()
     grad_norm = student.step()

@@ -37,6 +37,7 @@ from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
 from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
 from metadistil_scale.models.text import load_tokenizer
+from metadistil_scale.objectives import Objective, prepare_models
 from metadistil_scale.teacher_cache import open_teacher_cache
 from metadistil_scale.trackers import open_trackers
 
@@ -425,6 +426,8 @@ def _step_context(method: Method, cfg: Config, task: Task, stage_key: str, role:
     stage = getattr(cfg, stage_key)
     batching = dict(batch_size=stage.batch_size, micro_batch_size=stage.micro_batch_size, stage_key=stage_key)
     ds_key = "deepspeed_teacher" if role == "teacher" else "deepspeed_student"
+    if teacher is not None:  # both return what the objective reads; a narrower student gets its projection
+        prepare_models(Objective.from_config(cfg.distill, task.info.is_regression), teacher, student)
     student_model = make_model(student, stage.optim, steps, ds_config=getattr(cfg, ds_key), ds_key=ds_key,
                                optim_key=f"{stage_key}.optim", functional=method.trains_teacher, **batching)
     teacher_model = None
@@ -441,9 +444,12 @@ def _step_context(method: Method, cfg: Config, task: Task, stage_key: str, role:
     if method.needs_quiz:
         # Every rank takes an equal slice of the quiz batch (a small quiz set rounds it down to fit).
         world = dist.world_size()
-        quiz_size = min(cfg.meta.quiz_batch_size, len(task.rows("quiz"))) // world * world
-        ctx.quiz_stream = _stage_stream(task, "quiz", quiz_size, cfg.meta.quiz_seed,
-                                        stage.micro_batch_size and min(stage.micro_batch_size, quiz_size // world))
+        quiz_rows = len(task.rows("quiz"))
+        quiz_size = (quiz_rows if cfg.meta.quiz_whole_set else min(cfg.meta.quiz_batch_size, quiz_rows)) // world * world
+        micro = stage.micro_batch_size and min(stage.micro_batch_size, quiz_size // world)
+        if cfg.meta.quiz_whole_set:  # memory bounded by a quiz batch per pass
+            micro = min(micro or quiz_size, max(1, cfg.meta.quiz_batch_size // world))
+        ctx.quiz_stream = _stage_stream(task, "quiz", quiz_size, cfg.meta.quiz_seed, micro)
     if method.needs_pilot_stream:
         ctx.pilot_stream = _stage_stream(task, "train", stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
     return ctx

@@ -1,0 +1,356 @@
+"""A distillation objective as one typed object: the hard loss, the soft terms with their weights, and what each
+model must return for them (logits; hidden states at the layers a layer map names).
+
+The student's loss on a batch is, summed over rows (the caller divides by the global row count):
+
+    hard_weight · hard(z_s, y) + Σ_k weight_k · term_k(O_s, O_t)
+
+`distill.alpha/temperature/soft_loss` alone describe today's objective, α·hard + (1−α)·soft; it keeps the fused
+kernels and the closed-form meta cotangent (the fast path, `Objective.legacy`). `distill.terms` lists any mix
+of the registered terms; the MetaDistil step then gets the teacher's cotangent by a double backward through the
+loss function alone (`generic_cotangent`, docs/metagrad.md §3).
+
+Adding a loss: write `def my_term(s, t, term, mask) -> Tensor` returning the term summed over rows, and add
+`"my_term": TermKind(my_term)` (with `reads_hidden=True` when it reads hidden states) to TERMS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from metadistil_scale.config import ConfigError, DistillConfig, DistillTermConfig, require
+
+# A model's outputs for the objective: {"logits": [N, C], "hidden": (h_0, …, h_L)} and, for a student that owns
+# a projection to the teacher's width, "projected": (P h_0, …, P h_L). A plain tensor when only logits are read.
+Outputs = dict[str, Any]
+LAYER_MAPS = ("skip", "last", "uniform")
+NORMALIZATIONS = ("sum", "official")
+PROJECTION_NAME = "distill_projection"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One resolved term: its kind, weight and settings (the temperature filled in from distill.temperature)."""
+
+    kind: str
+    weight: float
+    temperature: float = 1.0
+    layers: str | tuple[tuple[int, int], ...] = "skip"
+    beta: float = 0.5
+    normalization: str = "sum"
+    where: str = "distill.terms"  # the config key, for error messages
+
+
+TermLoss = Callable[[Outputs, Outputs, Term, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TermKind:
+    loss: TermLoss  # (student outputs, teacher outputs, term, attention mask [N, L] or None) -> sum over rows
+    reads_hidden: bool = False
+
+
+# ---------------------------------------------------------------- logit terms
+
+
+def _log_probs(s: Outputs, t: Outputs, term: Term) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q = log softmax(z_s/T), log p = log softmax(z_t/T)."""
+    return F.log_softmax(logits_in(s) / term.temperature, -1), F.log_softmax(logits_in(t) / term.temperature, -1)
+
+
+def kl_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """T²·KL(p ‖ q): the `kl` soft loss."""
+    log_q, log_p = _log_probs(s, t, term)
+    return term.temperature**2 * (log_p.exp() * (log_p - log_q)).sum()
+
+
+def reverse_kl_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """T²·KL(q ‖ p): mode-seeking, as used for LM distillation."""
+    log_q, log_p = _log_probs(s, t, term)
+    return term.temperature**2 * (log_q.exp() * (log_q - log_p)).sum()
+
+
+def jsd_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """T²·[β·KL(p ‖ m) + (1−β)·KL(q ‖ m)], m = β·p + (1−β)·q: the generalized JSD of GKD."""
+    log_q, log_p = _log_probs(s, t, term)
+    beta = term.beta
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    jsd = beta * log_p.exp() * (log_p - log_m) + (1 - beta) * log_q.exp() * (log_q - log_m)
+    return term.temperature**2 * jsd.sum()
+
+
+def mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_c (q − p)² per row ("sum", the `mse` soft loss), or T²·mean_c (q − p)² ("official": F.mse_loss over
+    all N·C elements times T², once the caller divides by N)."""
+    log_q, log_p = _log_probs(s, t, term)
+    squares = (log_q.exp() - log_p.exp()).pow(2).sum()
+    if term.normalization == "official":
+        return squares * term.temperature**2 / log_q.shape[-1]
+    return squares
+
+
+def score_mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ (z_s − z_t)² on the raw outputs: the soft loss of a regression task."""
+    return (logits_in(s) - logits_in(t)).pow(2).sum()
+
+
+# ---------------------------------------------------------------- hidden-state terms
+
+
+def pkd_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """Patient KD: the squared distance of the L2-normalised [CLS] states, a mean over matched layers and
+    hidden units per row (the official code's F.mse_loss over layers·N·H, once the caller divides by N)."""
+    total = 0.0
+    pairs = _pairs(s, t, term)
+    for h_s, h_t in pairs:
+        cls_s, cls_t = h_s[:, 0], h_t[:, 0]
+        cls_s = cls_s / cls_s.norm(dim=-1, keepdim=True)
+        cls_t = cls_t / cls_t.norm(dim=-1, keepdim=True)
+        total = total + (cls_s - cls_t).pow(2).sum() / cls_t.shape[-1]
+    return total / len(pairs)
+
+
+def hidden_mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """TinyBERT-style: the squared distance of (projected) hidden states, a mean over matched layers, the row's
+    real tokens and hidden units."""
+    pairs = _pairs(s, t, term)
+    total = 0.0
+    for h_s, h_t in pairs:
+        per_token = (h_s - h_t).pow(2).sum(-1) / h_t.shape[-1]
+        total = total + (per_token * _token_weights(mask, per_token)).sum()
+    return total / len(pairs)
+
+
+def cosine_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """1 − cos(h_s, h_t) of (projected) hidden states, a mean over matched layers and the row's real tokens."""
+    pairs = _pairs(s, t, term)
+    total = 0.0
+    for h_s, h_t in pairs:
+        per_token = 1 - F.cosine_similarity(h_s, h_t, dim=-1)
+        total = total + (per_token * _token_weights(mask, per_token)).sum()
+    return total / len(pairs)
+
+
+TERMS: dict[str, TermKind] = {
+    "kl": TermKind(kl_sum),
+    "mse": TermKind(mse_sum),
+    "reverse_kl": TermKind(reverse_kl_sum),
+    "jsd": TermKind(jsd_sum),
+    "score_mse": TermKind(score_mse_sum),
+    "pkd": TermKind(pkd_sum, reads_hidden=True),
+    "hidden_mse": TermKind(hidden_mse_sum, reads_hidden=True),
+    "cosine": TermKind(cosine_sum, reads_hidden=True),
+}
+
+
+def logits_in(o: Outputs | torch.Tensor) -> torch.Tensor:
+    """The logits of a model's outputs (the outputs themselves when only logits were asked for)."""
+    return o["logits"] if isinstance(o, dict) else o
+
+
+def _token_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """1/(real tokens of the row) on real tokens, 0 on padding: a per-row mean over tokens."""
+    if mask is None:
+        return torch.full_like(like, 1.0 / like.shape[-1])
+    mask = mask.to(like.dtype)
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def _pairs(s: Outputs, t: Outputs, term: Term) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student state, teacher state) per matched layer; the student's projected states where it owns a
+    projection to the teacher's width."""
+    if not (isinstance(s, dict) and "hidden" in s and isinstance(t, dict) and "hidden" in t):
+        raise ValueError(f"{term.where}: a hidden-state term needs the models' hidden states: build the models "
+                         "with objectives.prepare_models and forward them with Objective.inputs")
+    student_states = s.get("projected", s["hidden"])
+    pairs = layer_pairs(term.layers, len(s["hidden"]) - 1, len(t["hidden"]) - 1, term.where)
+    return [(student_states[i], t["hidden"][j]) for i, j in pairs]
+
+
+def layer_pairs(layers: str | tuple[tuple[int, int], ...], student_layers: int, teacher_layers: int,
+                where: str = "distill.terms") -> tuple[tuple[int, int], ...]:
+    """(student, teacher) indices into transformers' hidden_states (0 = the embeddings, L = the last layer).
+
+    skip:    student layers 1…L_s−1 against teacher layers k, 2k, …, k = L_t // L_s (the official code's
+             hidden_states[1:-1][(k−1)::k]: teacher layers 2, 4, 6, 8, 10 for 12 → 6);
+    last:    student layers 1…L_s−1 against the teacher's last L_s−1 layers before its top one;
+    uniform: student layers 0…L_s (embeddings and top included) against 0, k, 2k, …
+    """
+    k = teacher_layers // student_layers
+    if not isinstance(layers, str):
+        pairs = tuple((int(a), int(b)) for a, b in layers)
+    elif layers == "uniform":
+        pairs = tuple((i, k * i) for i in range(student_layers + 1))
+    elif layers == "skip":
+        pairs = tuple((i, k * i) for i in range(1, student_layers))
+    else:
+        pairs = tuple((i, teacher_layers - student_layers + i) for i in range(1, student_layers))
+    if k < 1 or not pairs:
+        raise ConfigError(f"{where}.layers: {layers!r} matches no layers of a {student_layers}-layer student "
+                          f"and a {teacher_layers}-layer teacher")
+    for a, b in pairs:
+        if not (0 <= a <= student_layers and 0 <= b <= teacher_layers):
+            raise ConfigError(f"{where}.layers: pair [{a}, {b}] is outside the student's 0..{student_layers} or "
+                              f"the teacher's 0..{teacher_layers} hidden states")
+    return pairs
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The student's distillation loss: the hard loss ("ce", or "mse" for a regression) and the soft terms."""
+
+    hard: str
+    hard_weight: float
+    terms: tuple[Term, ...]
+    # Set for today's alpha/temperature/soft_loss objective: the fused kernels and closed-form cotangents run it.
+    legacy: DistillConfig | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, regression: bool = False) -> Objective:
+        hard = "mse" if regression else "ce"
+        if not cfg.terms:
+            soft = "score_mse" if regression else cfg.soft_loss
+            term = Term(soft, 1 - cfg.alpha, cfg.temperature, where="distill.soft_loss")
+            return cls(hard, cfg.alpha, (term,), legacy=cfg)
+        terms = tuple(
+            Term(t.kind, t.weight, cfg.temperature if t.temperature is None else t.temperature,
+                 t.layers if isinstance(t.layers, str) else tuple(tuple(p) for p in t.layers),
+                 t.beta, t.normalization, where=f"distill.terms[{i}]")
+            for i, t in enumerate(cfg.terms)
+        )
+        return cls(hard, cfg.alpha, terms)
+
+    @property
+    def fast(self) -> bool:
+        return self.legacy is not None
+
+    def generic(self) -> Objective:
+        """The same objective on the generic path (to check the fast path against it)."""
+        return dataclasses.replace(self, legacy=None)
+
+    @property
+    def reads_hidden(self) -> bool:
+        return any(TERMS[t.kind].reads_hidden for t in self.terms if t.weight > 0)
+
+    def inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A model's inputs, asking for its hidden states when a term reads them."""
+        return {**inputs, "output_hidden_states": True} if self.reads_hidden else inputs
+
+    def soft_sum(self, s: Outputs, t: Outputs, mask: torch.Tensor | None) -> torch.Tensor:
+        """Σ_k weight_k · term_k, summed over rows; terms of weight 0 are left out."""
+        total = logits_in(s).new_zeros(())
+        for term in self.terms:
+            if term.weight > 0:
+                total = total + term.weight * TERMS[term.kind].loss(s, t, term, mask)
+        return total
+
+
+def attention_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    return inputs.get("attention_mask")
+
+
+# ---------------------------------------------------------------- the generic meta cotangent
+
+Cotangent = list  # one entry per leaf of the teacher's outputs (tree_flatten order): a tensor, or None if unread
+
+
+def generic_cotangent(objective: Objective, student: Outputs, teacher: Outputs, tangent: Outputs,
+                      mask: torch.Tensor | None, scale: float) -> Cotangent:
+    """w = −scale · ∂/∂O_t ⟨∂soft/∂O_s, U⟩ for every teacher output, by a double backward through the loss
+    function alone (O_s, O_t detached leaves: the cost is the size of the outputs). scale = λ/N. The hard loss
+    does not involve the teacher and adds nothing."""
+    s_leaves, s_spec = tree_flatten(student)
+    t_leaves, t_spec = tree_flatten(teacher)
+    u_leaves, _ = tree_flatten(tangent)
+    s_vars = [x.detach().requires_grad_(True) for x in s_leaves]
+    t_vars = [x.detach().requires_grad_(True) for x in t_leaves]
+    with torch.enable_grad():
+        soft = objective.soft_sum(tree_unflatten(s_vars, s_spec), tree_unflatten(t_vars, t_spec), mask)
+        grads = torch.autograd.grad(soft, s_vars, create_graph=True, allow_unused=True)
+        inner = sum((g * u.detach()).sum() for g, u in zip(grads, u_leaves) if g is not None)
+        if not isinstance(inner, torch.Tensor) or not inner.requires_grad:
+            return [None] * len(t_vars)
+        w = torch.autograd.grad(inner, t_vars, allow_unused=True)
+    return [None if g is None else -scale * g for g in w]
+
+
+def contract_generic(teacher: Outputs, cotangent: Cotangent) -> torch.Tensor:
+    """Σ⟨O_t, w⟩ over the teacher outputs that have a cotangent: its backward gives J_tᵀ w."""
+    leaves, _ = tree_flatten(teacher)
+    return sum((o * w).sum() for o, w in zip(leaves, cotangent) if w is not None)
+
+
+def detach_outputs(outputs: Outputs | torch.Tensor) -> Outputs | torch.Tensor:
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, outputs)
+
+
+# ---------------------------------------------------------------- models
+
+
+def prepare_models(objective: Objective, teacher: nn.Module, student: nn.Module) -> None:
+    """Make both models return what the objective reads. For hidden-state terms: a forward hook turns a
+    transformers output that carries hidden states into an Outputs dict, and a student narrower than its
+    teacher gets a linear projection to the teacher's width (its own trained parameters, TinyBERT style).
+    Call before the student's optimizer is built; checks the layer maps against the models."""
+    if not objective.reads_hidden:
+        return
+    for role, model in (("teacher", teacher), ("student", student)):
+        require(hasattr(getattr(model, "config", None), "hidden_size"), "distill.terms",
+                "hidden-state terms only with transformers models", f"{role} {type(model).__name__}")
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    for term in objective.terms:
+        if TERMS[term.kind].reads_hidden:
+            layer_pairs(term.layers, n_s, n_t, term.where)
+    width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
+    if width_s != width_t and not hasattr(student, PROJECTION_NAME):
+        param = next(student.parameters())
+        student.add_module(PROJECTION_NAME, nn.Linear(width_s, width_t).to(param.device, param.dtype))
+    for model in (teacher, student):
+        if not getattr(model, "_distill_outputs_hook", False):
+            model.register_forward_hook(_outputs_with_hidden, with_kwargs=True)
+            model._distill_outputs_hook = True
+
+
+def _outputs_with_hidden(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """A forward asked for hidden states (Objective.inputs): hand back the Outputs dict; otherwise (evaluation,
+    the quiz) leave the output alone. Runs inside functional_call too, so the projection's functional
+    parameters are the ones used."""
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None:
+        return None
+    outputs = {"logits": output.logits, "hidden": tuple(hidden)}
+    projection = getattr(module, PROJECTION_NAME, None)
+    if projection is not None:
+        outputs["projected"] = tuple(projection(h) for h in hidden)
+    return outputs
+
+
+# ---------------------------------------------------------------- config validation
+
+
+def validate_term(term: DistillTermConfig, key: str) -> None:
+    require(term.kind in TERMS, f"{key}.kind", f"one of {tuple(TERMS)}", term.kind)
+    require(term.weight >= 0, f"{key}.weight", ">= 0", term.weight)
+    require(term.temperature is None or 0.05 <= term.temperature <= 100, f"{key}.temperature",
+            "in [0.05, 100] or null", term.temperature)
+    require(0 < term.beta < 1, f"{key}.beta", "in (0, 1)", term.beta)
+    require(term.normalization in NORMALIZATIONS, f"{key}.normalization", f"one of {NORMALIZATIONS}",
+            term.normalization)
+    if isinstance(term.layers, str):
+        require(term.layers in LAYER_MAPS, f"{key}.layers", f"one of {LAYER_MAPS} or [[student, teacher], ...]",
+                term.layers)
+    else:
+        require(len(term.layers) > 0 and all(len(p) == 2 and min(p) >= 0 for p in term.layers), f"{key}.layers",
+                "a non-empty list of [student_layer, teacher_layer] pairs", term.layers)
