@@ -245,10 +245,21 @@ def verify_folder(folder: Path, rank: int = 0, world: int = 1) -> None:
                                   "resume from an intact copy, or delete the checkpoint to restart the stage")
 
 
+def fingerprint_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The dotted keys on which two stage fingerprints differ.
+
+    A key the saved fingerprint lacks, and whose value now is off (null, false, empty), is no difference: the
+    version that wrote it had no such option, so it ran without it. Adding an optional feature therefore keeps
+    finished runs reusable and checkpoints resumable."""
+    saved, now = _flatten(saved), _flatten(expected)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not (k not in saved
+                  and (now[k] is None or now[k] is False or now[k] == [] or now[k] == {})))
+
+
 def check_fingerprint(state: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint written under another configuration, naming the keys that differ."""
     saved, now = _flatten(state.get("config", {})), _flatten(expected)
-    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    differing = fingerprint_differences(state.get("config", {}), expected)
     if differing:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in differing[:5])
         more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""

@@ -50,6 +50,22 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) on a model: only the adapters (and, if asked, the head) are trained."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names to adapt; null = PEFT's default for the architecture (BERT: query and value).
+    target_modules: list[str] | None = None
+    # Train the classification head in full too: null = yes for the student (its head starts untrained), no
+    # for the teacher (its fine-tuned head stays fixed and only the adapters are meta-learned).
+    train_head: bool | None = None
+    # Besides the adapters (<folder>/adapter, PEFT format), save the merged full weights in the folder itself.
+    save_merged: bool = True
+
+
+@dataclass
 class ModelConfig:
     # A local folder or hub name for the teacher's starting point; the embedded MiniLM by default.
     teacher: str = EMBEDDED_MINILM
@@ -60,6 +76,10 @@ class ModelConfig:
     student_layers: int | None = 3
     # Forward-mode AD (the jvp u-mode) needs an attention implementation that supports it.
     attn_implementation: str = "eager"
+    # LoRA adapters: the student's are what it trains; the teacher's are what MetaDistil meta-learns (the teacher's
+    # own fine-tuning stage trains it in full; under KD its adapters stay zero and change nothing).
+    student_lora: LoraConfig | None = None
+    teacher_lora: LoraConfig | None = None
 
 
 @dataclass
@@ -407,6 +427,16 @@ def validate_distill(d: DistillConfig, key: str = "distill") -> None:
             validate_term(term, f"{key}.terms[{i}]")
 
 
+def validate_lora(lora: LoraConfig, key: str, cv: bool = False) -> None:
+    require(lora.r >= 1, f"{key}.r", ">= 1", lora.r)
+    require(lora.alpha > 0, f"{key}.alpha", "> 0", lora.alpha)
+    require(0 <= lora.dropout < 1, f"{key}.dropout", "in [0, 1)", lora.dropout)
+    if lora.target_modules is not None or cv:  # PEFT knows no default for the CNNs
+        require(bool(lora.target_modules), f"{key}.target_modules",
+                "a non-empty list of module names" + (" (no default for a 'cv:' model)" if cv else ""),
+                lora.target_modules)
+
+
 def validate_meta(m: MetaConfig, key: str = "meta") -> None:
     require(m.pilot_lr > 0, f"{key}.pilot_lr", "> 0", m.pilot_lr)
     require(m.u_mode in U_MODES, f"{key}.u_mode", f"one of {U_MODES}", m.u_mode)
@@ -459,6 +489,9 @@ def validate(c: Config) -> None:
                 getattr(m, key))
     if image:  # CNNs are built at their named depth
         require(m.student_layers is None, "model.student_layers", "null for a 'cv:' student", m.student_layers)
+    for key in ("student_lora", "teacher_lora"):
+        if getattr(m, key) is not None:
+            validate_lora(getattr(m, key), f"model.{key}", cv=image)
     if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
         raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
     validate_distill(c.distill)

@@ -28,14 +28,27 @@ from tqdm.auto import tqdm
 from metadistil_scale.backends import check_distributed, dist, make_model
 from metadistil_scale.backends.checkpointing import StageCheckpoint
 from metadistil_scale.backends.torch_backend import retain_freed_host_memory
-from metadistil_scale.checkpoint import CheckpointError, atomic_dir, atomic_write_text, seed_everything
+from metadistil_scale.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    atomic_write_text,
+    fingerprint_differences,
+    seed_everything,
+)
 from metadistil_scale.config import IMAGE_TASKS, Config, ConfigError, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
-from metadistil_scale.models import check_model, load_model, load_saved_like, save_model, saved_model_exists
+from metadistil_scale.models import (
+    apply_lora,
+    check_model,
+    load_model,
+    load_saved_like,
+    save_model,
+    saved_model_exists,
+)
 from metadistil_scale.models.text import load_tokenizer
 from metadistil_scale.objectives import Objective, prepare_models
 from metadistil_scale.teacher_cache import open_teacher_cache
@@ -489,7 +502,7 @@ def load_done(out_dir: Path, expected_config: dict | None = None) -> StageResult
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    if expected_config is not None and saved["config"] != expected_config:
+    if expected_config is not None and fingerprint_differences(saved["config"], expected_config):
         return None
     return StageResult(**saved["result"])
 
@@ -502,6 +515,10 @@ def build_models(cfg: Config, info: TaskInfo, teacher_source: str, device) -> tu
                   dtype=DTYPES[cfg.dtype])
     teacher = load_model(teacher_source, info.num_labels, **common)
     student = load_model(cfg.model.student, info.num_labels, num_layers=cfg.model.student_layers, **common)
+    if cfg.model.teacher_lora is not None:
+        teacher = apply_lora(teacher, cfg.model.teacher_lora, "teacher")
+    if cfg.model.student_lora is not None:
+        student = apply_lora(student, cfg.model.student_lora, "student")
     return teacher.to(device), student.to(device)
 
 
@@ -524,7 +541,7 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
     done = load_done(folder)
     if done is not None and saved_model_exists(folder / "best"):
         ckpt_config = json.loads((folder / "done.json").read_text())["config"]
-        if ckpt_config == stage_fingerprint(cfg, "teacher", "finetune"):
+        if not fingerprint_differences(ckpt_config, stage_fingerprint(cfg, "teacher", "finetune")):
             if dist.is_main():
                 tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
             return folder / "best", done

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from metadistil_scale.models.cifar import build_cv_model
+from metadistil_scale.models.lora import apply_lora, is_lora, load_lora_like, lora_saved, save_lora
 from metadistil_scale.models.text import ModelError, classifier_config, load_classifier
 
 CV_PREFIX = "cv:"
@@ -81,7 +82,15 @@ def _load_cv(folder: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def save_model(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
-    """Write `model` (and a text model's tokenizer) to `folder` so that `load_model(folder)` rebuilds it."""
+    """Write `model` (and a text model's tokenizer) to `folder` so that `load_model(folder)` rebuilds it; a LoRA
+    model as its adapters (and its merged weights, unless configured otherwise)."""
+    if is_lora(model):
+        merged = save_lora(model, folder)
+        if merged is None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            return
+        model = merged
     if hasattr(model, "cv_spec"):
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), folder / CV_WEIGHTS_FILE)
@@ -93,12 +102,14 @@ def save_model(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
 
 
 def saved_model_exists(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() or (folder / CV_WEIGHTS_FILE).is_file()
+    return (folder / "model.safetensors").is_file() or (folder / CV_WEIGHTS_FILE).is_file() or lora_saved(folder)
 
 
 def load_saved_like(folder: Path, like: nn.Module) -> nn.Module:
     """The model saved in `folder`, as the live model `like`'s class, dtype and device."""
     param = next(like.parameters())
+    if is_lora(like):
+        return load_lora_like(folder, like)
     if hasattr(like, "cv_spec"):
         model = _load_cv(folder, param.dtype)
     else:
@@ -107,4 +118,4 @@ def load_saved_like(folder: Path, like: nn.Module) -> nn.Module:
     return model.to(param.device)
 
 
-__all__ = ["CV_PREFIX", "ModelError", "check_model", "load_model", "load_saved_like", "save_model", "saved_model_exists"]
+__all__ = ["CV_PREFIX", "ModelError", "apply_lora", "check_model", "load_model", "load_saved_like", "save_model", "saved_model_exists"]
