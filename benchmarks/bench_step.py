@@ -175,9 +175,14 @@ def run_one(name: str, pair: str, batch: int, length: int, steps: int, allocator
 
 
 def measure(name: str, pair: str, batch: int, length: int, steps: int, allocator: str) -> dict:
-    """run_one in a fresh process, so that its peak resident size is this configuration's alone."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--pair", pair, "--batch", str(batch),
-           "--length", str(length), "--steps", str(steps), "--cpu-allocator", allocator]
+    return measure_config(__file__, name, ["--pair", pair, "--batch", str(batch), "--length", str(length),
+                                           "--steps", str(steps), "--cpu-allocator", allocator])
+
+
+def measure_config(script: str, name: str, args: list[str]) -> dict:
+    """`script --one name *args` in a fresh process, so that its peak resident size is this configuration's
+    alone; returns the JSON row it prints last."""
+    cmd = [sys.executable, os.path.abspath(script), "--one", name, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         raise RuntimeError(f"configuration {name!r} failed\n{out.stderr[-3000:]}")
