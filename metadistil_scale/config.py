@@ -80,6 +80,12 @@ class ModelConfig:
     # own fine-tuning stage trains it in full; under KD its adapters stay zero and change nothing).
     student_lora: LoraConfig | None = None
     teacher_lora: LoraConfig | None = None
+    # Activation checkpointing (text models): keep each layer's input only and recompute the layer in the backward,
+    # trading compute for activation memory. The teacher's: its forward-with-graph and meta backward; the
+    # student's: the pilot and the real step (the quiz at the pilot weights, the JVP and finite differences run
+    # without it: see meta.py).
+    teacher_activation_checkpointing: bool = False
+    student_activation_checkpointing: bool = False
 
 
 @dataclass
@@ -489,6 +495,9 @@ def validate(c: Config) -> None:
                 getattr(m, key))
     if image:  # CNNs are built at their named depth
         require(m.student_layers is None, "model.student_layers", "null for a 'cv:' student", m.student_layers)
+    for key in ("teacher_activation_checkpointing", "student_activation_checkpointing"):
+        require(not (getattr(m, key) and image), f"model.{key}", "false for a 'cv:' model (text models only)",
+                getattr(m, key))
     for key in ("student_lora", "teacher_lora"):
         if getattr(m, key) is not None:
             validate_lora(getattr(m, key), f"model.{key}", cv=image)

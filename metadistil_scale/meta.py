@@ -41,6 +41,7 @@ from metadistil_scale.losses import (
     tangent_from_jvp,
     teacher_cotangent,
 )
+from metadistil_scale.models.checkpointing import checkpointing_off, is_checkpointing
 from metadistil_scale.objectives import Objective, attention_mask, detach_outputs
 from metadistil_scale.replay import ForwardRandomness
 from metadistil_scale.steps import Batch, count_rows, kd_step
@@ -79,6 +80,7 @@ class MetaDistil:
         self.teacher, self.student = teacher, student
         self.distill, self.meta, self.regression = distill, meta, regression
         self.objective = Objective.from_config(distill, regression)
+        self._checkpointed = is_checkpointing(student.functional_module)
 
     # ------------------------------------------------------------------ functional student
 
@@ -87,7 +89,10 @@ class MetaDistil:
         pilot, quiz and JVP passes leave BatchNorm running statistics alone."""
         module = self.student.functional_module
         buffers = {n: b.clone() for n, b in module.named_buffers()}
-        return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
+        # Activation checkpointing reruns layers from the module's own weights: right only when `params` are them.
+        own = all(params.get(name, p) is p for name, p in module.named_parameters())
+        with contextlib.nullcontext() if own else checkpointing_off(module):
+            return logits_of(functional_call(module, (params, buffers), args=(), kwargs=inputs))
 
     def _tangent(
         self, theta: Params, v: Params, inputs: dict[str, torch.Tensor], randomness: ForwardRandomness
@@ -201,7 +206,7 @@ class MetaDistil:
             drawn, kept, student_logits = [], [], []
             loss_total = 0.0
             for part, z_t in zip(parts, teacher_logits):
-                drawn.append(ForwardRandomness())
+                drawn.append(ForwardRandomness(mask_replay=not self._checkpointed))
                 # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
                 # lean: the real step forwards again, so here the buffers are protected.
                 with drawn[-1].record():
@@ -257,7 +262,7 @@ class MetaDistil:
             drawn, losses = [], []
             for part in parts:
                 z_t = self.teacher(self.objective.inputs(part["teacher"]))
-                drawn.append(ForwardRandomness())
+                drawn.append(ForwardRandomness(mask_replay=not self._checkpointed))
                 with drawn[-1].record():
                     z_s = self._student_at(params, self.objective.inputs(part["student"]))
                 losses.append(student_loss_sum(z_s, z_t, part["labels"], self.objective,

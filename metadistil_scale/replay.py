@@ -92,10 +92,12 @@ class _DropoutMasks(TorchFunctionMode):
 class ForwardRandomness:
     """The randomness one student forward drew: its dropout masks, and the RNG state it started from."""
 
-    def __init__(self) -> None:
+    def __init__(self, mask_replay: bool = True) -> None:
+        """`mask_replay=False` replays by the RNG state alone: for a model with activation checkpointing, whose
+        backward reruns layers drawing from the RNG state each layer saw, so a replayed forward must draw too."""
         self.rng = rng_state()
         self.masks: list[torch.Tensor] = []
-        self.mask_replay = True
+        self.mask_replay = mask_replay
 
     @contextlib.contextmanager
     def record(self) -> Iterator[None]:

@@ -49,6 +49,7 @@ from metadistil_scale.models import (
     save_model,
     saved_model_exists,
 )
+from metadistil_scale.models.checkpointing import enable_activation_checkpointing
 from metadistil_scale.models.text import load_tokenizer
 from metadistil_scale.objectives import Objective, prepare_models
 from metadistil_scale.teacher_cache import open_teacher_cache
@@ -515,6 +516,9 @@ def build_models(cfg: Config, info: TaskInfo, teacher_source: str, device) -> tu
                   dtype=DTYPES[cfg.dtype])
     teacher = load_model(teacher_source, info.num_labels, **common)
     student = load_model(cfg.model.student, info.num_labels, num_layers=cfg.model.student_layers, **common)
+    for model, role in ((teacher, "teacher"), (student, "student")):
+        if getattr(cfg.model, f"{role}_activation_checkpointing"):
+            enable_activation_checkpointing(model, role)
     if cfg.model.teacher_lora is not None:
         teacher = apply_lora(teacher, cfg.model.teacher_lora, "teacher")
     if cfg.model.student_lora is not None:
