@@ -39,7 +39,11 @@ CONFIGS = {
     "metadistil fd lean": {"u_mode": "finite-difference", "schedule": "lean"},
     "metadistil fd fast": {"u_mode": "finite-difference", "schedule": "fast"},
     "unrolled": {"u_mode": "unrolled", "schedule": "lean"},
+    # Activation checkpointing on both models (model.*_activation_checkpointing).
+    "kd ckpt": {},
+    "metadistil jvp lean ckpt": {"u_mode": "jvp", "schedule": "lean"},
 }
+CHECKPOINTED = " ckpt"
 # BERT pairs with random weights: hidden size, teacher layers, heads, intermediate size; the student has half
 # the layers. "large" has MiniLM's width; "tiny" runs a MetaDistil step in a fraction of a second.
 RANDOM_PAIRS = {"large": (384, 12, 12, 1536), "tiny": (128, 4, 2, 512)}
@@ -87,7 +91,7 @@ def torch_seed() -> None:
 
 
 def is_meta(name: str) -> bool:
-    return name not in ("finetune", "kd", "kd cached")
+    return name.removesuffix(CHECKPOINTED) not in ("finetune", "kd", "kd cached")
 
 
 def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> Callable[..., dict]:
@@ -104,6 +108,12 @@ def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     teacher, student = build(pair)
+    if name.endswith(CHECKPOINTED):
+        from metadistil_scale.models.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(teacher, "teacher")
+        enable_activation_checkpointing(student, "student")
+        name = name.removesuffix(CHECKPOINTED)
     g = torch.Generator().manual_seed(0)
 
     def make_batch() -> dict:
