@@ -33,7 +33,13 @@ from pathlib import Path
 from metadistil_scale.checkpoint import atomic_write_text
 from metadistil_scale.config import ConfigError, load_config
 from metadistil_scale.experiment import run_experiment
-from metadistil_scale.trainer import StopRequested, fine_tune_teacher, load_task, resolve_device
+from metadistil_scale.trainer import (
+    StopRequested,
+    configure_cpu_allocator,
+    fine_tune_teacher,
+    load_task,
+    resolve_device,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_OUTPUTS = ("config.yaml", "runs.json", "runs.csv", "summary.json", "summary.csv", "summary.md",
@@ -135,7 +141,9 @@ def main() -> None:
     out, results = Path(cfg.output_dir), Path(args.results)
     commit = current_commit()
 
-    teacher_dir, teacher = fine_tune_teacher(cfg, load_task(cfg), out, resolve_device(cfg), True, None)
+    device = resolve_device(cfg)
+    configure_cpu_allocator(cfg, device)
+    teacher_dir, teacher = fine_tune_teacher(cfg, load_task(cfg), out, device, True, None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint=str(teacher_dir)))
     kept, teacher_sha = results / "seeds", weights_sha256(teacher_dir)
     restore_kept_seeds(kept, out, teacher_sha)

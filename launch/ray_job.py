@@ -54,6 +54,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from metadistil_scale.backends.checkpointing import checkpoint_step, copy_checkpoint
 from metadistil_scale.checkpoint import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -70,11 +71,11 @@ class LaunchError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metadistil_scale.cli import _common
+    from metadistil_scale.cli import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="python -m metadistil_scale.launch.ray_job",
                                      description="Run the MetaDistil recipe as a Ray Train job.")
-    _common(parser)  # --config, --set, --output-dir, --deepspeed-teacher/-student, as for `metadistil-scale train`
+    add_config_arguments(parser)  # --config, --set, --output-dir, --deepspeed-teacher/-student, as for `metadistil-scale train`
     ray_args = parser.add_argument_group("Ray")
     ray_args.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
     ray_args.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -339,13 +340,7 @@ class Reporter:
 
         def fill(folder: Path) -> None:
             target = folder / manifest["checkpoint"]
-            if path.is_dir():  # DeepSpeed's layout: `latest` and the step folder it names
-                tag = (path / "latest").read_text().strip()
-                shutil.copytree(path / tag, target / tag)
-                shutil.copy2(path / "latest", target / "latest")
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
+            copy_checkpoint(path, target)
             if (path.parent / "metrics.jsonl").is_file():
                 shutil.copy2(path.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
 
@@ -374,29 +369,9 @@ class Reporter:
         say(f"[ray] reported {what} at {datetime.now().isoformat(timespec='milliseconds')}")
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a stage checkpoint, verified (checksums, weights-only load); None when there is none,
-    CheckpointError when it is unusable."""
-    from metadistil_scale.backends.checkpointing import latest_folder
-    from metadistil_scale.checkpoint import load_checkpoint, verify_folder
-
-    if path.is_dir() and (path / "latest").is_file():
-        folder = latest_folder(path)
-        verify_folder(folder)
-        return int(folder.name.removeprefix("step-"))
-    if path.is_file():
-        state = load_checkpoint(path).get("state")
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise CheckpointError(f"{path}: not a stage checkpoint (no trainer state)")
-        return state["step"]
-    return None
-
-
 def restore(folder: Path, out: Path, source: str) -> None:
     """Put a reported checkpoint back into the run folder, unless the folder already holds it or a later one,
     or the reported copy does not pass the checks."""
-    from metadistil_scale.checkpoint import atomic_copy, atomic_dir
-
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest["stage"] == "done":
         say(f"[ray] restarting after the run finished (Ray Train checkpoint {source}): re-reporting its results")
@@ -417,11 +392,7 @@ def restore(folder: Path, out: Path, source: str) -> None:
     except CheckpointError as err:
         say(f"[ray] not restoring Ray Train checkpoint {source}: {err}")
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if saved.is_dir():
-        atomic_dir(target, lambda tmp: shutil.copytree(saved, tmp, dirs_exist_ok=True))
-    else:
-        atomic_copy(saved, target)
+    copy_checkpoint(saved, target)
     if (saved.parent / "metrics.jsonl").is_file():
         shutil.copy2(saved.parent / "metrics.jsonl", target.parent / "metrics.jsonl")
     say(f"[ray] copied the checkpoint into {target}")
@@ -435,12 +406,12 @@ def main(argv: list[str] | None = None, worker: Callable[[dict[str, Any]], None]
     sys.stdout.reconfigure(line_buffering=True)  # a job's log is a pipe: show progress as it happens
     args = build_parser().parse_args(argv)
     from metadistil_scale.backends import check_distributed
-    from metadistil_scale.cli import _load, print_table
+    from metadistil_scale.cli import config_from_args, print_table
     from metadistil_scale.config import ConfigError, config_to_dict
 
     try:
         check_args(args)
-        cfg = _load(args)
+        cfg = config_from_args(args)
         check_distributed(cfg, args.num_workers)  # batch sizes that do not split over the workers
         name = args.name or time.strftime("metadistil-%Y%m%d-%H%M%S")
         storage = resolve_storage(args.storage_path)

@@ -7,12 +7,14 @@ import errno
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from metadistil_scale.config import ConfigError, load_config, save_config
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --set, --output-dir and the DeepSpeed shorthands (also the Ray launcher's)."""
     parser.add_argument("--config", help="YAML recipe: a file, or the name of a shipped recipe such as glue_sst2 (default: the embedded text task)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set student_train.max_steps=50 (repeatable)")
@@ -27,33 +29,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metadistil-scale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune the teacher, distil the student with each method, test")
-    _common(train)
-    train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoints")
-    train.add_argument("--stop-after", type=int, metavar="STEPS",
-                       help="checkpoint and stop once the running stage reaches STEPS steps (pre-emption)")
+    add_config_arguments(train)
+    _add_stop_arguments(train)
     experiment = sub.add_parser("experiment", help="run every method once per seed in `seeds`; write summary "
                                 "tables (mean ± std, metadistil − kd paired 95%% interval) and dev-curve plots")
-    _common(experiment)
+    add_config_arguments(experiment)
     experiment.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     lm = sub.add_parser("lm-train", help="causal-LM distillation: no-distillation, KD and MetaDistil students, "
                         "held-out perplexity (default: SmolLM2-135M and its every-other-layer student on the KJV)")
-    lm.add_argument("--config", help="YAML recipe (e.g. configs/lm_smollm2_kjv.yaml; default: the embedded run)")
-    lm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set student_train.max_steps=5 (repeatable)")
-    lm.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    add_config_arguments(lm)  # a recipe such as configs/lm_smollm2_kjv.yaml; default: the embedded run
+    _add_stop_arguments(lm)
     show = sub.add_parser("config", help="print the resolved, validated config")
-    _common(show)
+    add_config_arguments(show)
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _add_stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoints")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                        help="checkpoint and stop once the running stage reaches STEPS steps (pre-emption)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated config that add_config_arguments' options describe."""
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set overrides, then the shorthands' (last, so that they win)."""
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     for key in ("deepspeed_teacher", "deepspeed_student"):
         if getattr(args, key):
             overrides.append(f"{key}={getattr(args, key)}")
-    return load_config(args.config, overrides)
+    return overrides
 
 
 def print_table(results: dict) -> None:
@@ -88,15 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lm-train":
             from metadistil_scale.lm.recipe import lm_train
 
-            return lm_train(args.config, args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
-        cfg = _load(args)
+            return _until_stopped(lambda: lm_train(args.config, _overrides(args), resume=args.resume,
+                                                   stop_after=args.stop_after))
+        cfg = config_from_args(args)
         if args.command == "config":
             save_config(cfg, Path("/dev/stdout"))
             return 0
         from transformers.utils import logging as hf_logging
 
         from metadistil_scale.backends.dist import is_main
-        from metadistil_scale.trainer import StopRequested, train
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -109,16 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(summary))
                 print(f"summary: {Path(cfg.output_dir) / 'summary.md'}")
             return 0
-        try:
-            results = train(cfg, resume=args.resume, stop_after=args.stop_after)
-        except StopRequested as stop:
-            if is_main():
-                print(stop)
-            return stop.exit_code
-        if is_main():  # every rank of a data-parallel run ends here with the same results
-            print_table(results)
-            print(f"results: {Path(cfg.output_dir) / 'results.json'}")
-        return 0
+        return _until_stopped(lambda: _train(cfg, args.resume, args.stop_after))
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -133,6 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no space left on device under {output_dir} ({type(err).__name__} while writing); "
               "free some space and rerun with --resume", file=sys.stderr)
         return 2
+
+
+def _train(cfg, resume: bool, stop_after: int | None) -> int:
+    from metadistil_scale.backends.dist import is_main
+    from metadistil_scale.trainer import train
+
+    results = train(cfg, resume=resume, stop_after=stop_after)
+    if is_main():  # every rank of a data-parallel run ends here with the same results
+        print_table(results)
+        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    return 0
+
+
+def _until_stopped(run: Callable[[], int]) -> int:
+    """A training command; a planned stop or a stop signal ends it, after its checkpoint, with its exit code."""
+    from metadistil_scale.backends.dist import is_main
+    from metadistil_scale.loop import StopRequested
+
+    try:
+        return run()
+    except StopRequested as stop:
+        if is_main():
+            print(stop)
+        return stop.exit_code
 
 
 def _disk_full(err: BaseException, output_dir: str | None) -> bool:

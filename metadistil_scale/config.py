@@ -507,14 +507,19 @@ def validate(c: Config) -> None:
     validate_meta(c.meta)
     validate_stage(c.teacher_finetune, "teacher_finetune")
     validate_stage(c.student_train, "student_train")
-    for key in ("deepspeed_teacher", "deepspeed_student"):
-        v = getattr(c, key)
-        if v is not None and not Path(v).is_file():
-            raise ConfigError(f"{key}: DeepSpeed config not found: {v}")
+    validate_deepspeed(c)
     validate_trackers(c.trackers)
     # A sharded teacher's forward is collective: every rank must run it, hit or miss.
     require(not (c.teacher_cache.enabled and c.deepspeed_teacher), "teacher_cache.enabled",
             "false with deepspeed_teacher (a sharded teacher's forward involves every rank)", c.teacher_cache.enabled)
+
+
+def validate_deepspeed(c: Any) -> None:
+    """The `deepspeed_teacher` and `deepspeed_student` files of a config (either task kind) exist."""
+    for key in ("deepspeed_teacher", "deepspeed_student"):
+        v = getattr(c, key)
+        if v is not None and not Path(v).is_file():
+            raise ConfigError(f"{key}: DeepSpeed config not found: {v}")
 
 
 def validate_trackers(trackers: list[str]) -> None:

@@ -37,6 +37,7 @@ from metadistil_scale.trackers import open_trackers, tracking_root
 from metadistil_scale.trainer import (
     StageResult,
     build_models,
+    configure_cpu_allocator,
     evaluate,
     fine_tune_teacher,
     load_done,
@@ -83,6 +84,7 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if main:
         save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
+    configure_cpu_allocator(cfg, device)
     metric = primary_metric(task.info.metric)
 
     records = []

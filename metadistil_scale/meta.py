@@ -31,7 +31,8 @@ from collections.abc import Iterator
 import torch
 from torch.func import functional_call, jvp
 
-from metadistil_scale.backends.torch_backend import TorchModel, logits_of
+from metadistil_scale.backends.base import BackendModel
+from metadistil_scale.backends.torch_backend import logits_of
 from metadistil_scale.config import DistillConfig, MetaConfig
 from metadistil_scale.losses import (
     central_difference,
@@ -71,8 +72,8 @@ class MetaDistil:
 
     def __init__(
         self,
-        teacher: TorchModel,
-        student: TorchModel,
+        teacher: BackendModel,
+        student: BackendModel,
         distill: DistillConfig,
         meta: MetaConfig,
         regression: bool = False,

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from metadistil_scale.backends.torch_backend import TorchModel
+from metadistil_scale.backends.base import BackendModel
 from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
+from metadistil_scale.loop import to_device
 from metadistil_scale.meta import MetaDistil, teacher_update_steps
 from metadistil_scale.steps import Batch, finetune_step, kd_step
 from metadistil_scale.teacher_cache import TeacherCache
@@ -26,8 +27,8 @@ BatchSource = Callable[[int], list[Batch]]  # a BatchStream: step -> micro-batch
 class StepContext:
     """What a method's step works on, built once per stage by its caller."""
 
-    student: TorchModel  # the trained model (for the teacher's own fine-tuning, the teacher)
-    teacher: TorchModel | None
+    student: BackendModel  # the trained model (for the teacher's own fine-tuning, the teacher)
+    teacher: BackendModel | None
     distill: DistillConfig
     meta: MetaConfig
     device: torch.device
@@ -96,10 +97,10 @@ class MetaDistilMethod(Method):
         update = step >= meta.frozen_steps and (step - meta.frozen_steps) % meta.interval == 0
         if step < meta.frozen_steps and ctx.teacher_cache is not None:  # the frozen teacher: a KD step, cached
             return {**_cached_kd_step(ctx, parts), "teacher_updated": 0.0}
-        quiz = _to_device(ctx.quiz_stream(step), ctx.device) if update else []
+        quiz = to_device(ctx.quiz_stream(step), ctx.device) if update else []
         pilot = None
         if update and ctx.pilot_stream is not None:
-            pilot = _to_device(ctx.pilot_stream(step), ctx.device)
+            pilot = to_device(ctx.pilot_stream(step), ctx.device)
         record = ctx.metadistil.step(parts, quiz, update_teacher=update, pilot_parts=pilot, diagnostics=logged)
         record["teacher_updated"] = float(update)
         return record
@@ -133,8 +134,3 @@ def _cached_kd_step(ctx: StepContext, parts: list[Batch]) -> dict[str, float]:
     record = kd_step(ctx.teacher, ctx.student, parts, ctx.distill, ctx.regression, ctx.teacher_cache)
     return {**record, "teacher_cache_hit_rate": ctx.teacher_cache.take_hit_rate()}
 
-
-def _to_device(parts: list[Batch], device: torch.device) -> list[Batch]:
-    from metadistil_scale.trainer import to_device  # imported here: the trainer imports this module
-
-    return to_device(parts, device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from metadistil_scale.backends.torch_backend import TorchModel
+from metadistil_scale.backends.base import BackendModel
 from metadistil_scale.config import DistillConfig
 from metadistil_scale.lm.chunked import IGNORE_INDEX
 from metadistil_scale.losses import hard_loss_sum, student_loss_sum
@@ -18,7 +18,7 @@ from metadistil_scale.teacher_cache import TeacherCache, frozen_teacher_logits
 Batch = dict
 
 
-def count_rows(parts: list[Batch], model: TorchModel) -> int:
+def count_rows(parts: list[Batch], model: BackendModel) -> int:
     """Rows of the global batch: local rows summed over data-parallel ranks. Rows labelled -100 (a causal
     LM's padding and document ends) carry no loss and do not count."""
     return int(model.all_reduce_sum(float(sum(_loss_rows(p["labels"]) for p in parts))))
@@ -28,7 +28,7 @@ def _loss_rows(labels: torch.Tensor) -> int:
     return len(labels) if labels.is_floating_point() else int((labels != IGNORE_INDEX).sum())
 
 
-def finetune_step(model: TorchModel, parts: list[Batch], role: str, regression: bool) -> dict[str, float]:
+def finetune_step(model: BackendModel, parts: list[Batch], role: str, regression: bool) -> dict[str, float]:
     """One supervised step of `model` on the `role` ("teacher" or "student") inputs."""
     n = count_rows(parts, model)
     total = 0.0
@@ -41,7 +41,7 @@ def finetune_step(model: TorchModel, parts: list[Batch], role: str, regression: 
 
 
 def kd_step(
-    teacher: TorchModel, student: TorchModel, parts: list[Batch], cfg: DistillConfig, regression: bool,
+    teacher: BackendModel, student: BackendModel, parts: list[Batch], cfg: DistillConfig, regression: bool,
     cache: TeacherCache | None = None,
 ) -> dict[str, float]:
     """Classic KD: the student steps on the distillation objective (α·CE + (1−α)·soft by default) against the

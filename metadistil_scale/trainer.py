@@ -1,9 +1,9 @@
-"""The training recipe: config -> data + models -> teacher fine-tuning -> one stage per method -> results.
+"""The classification task kind (text classification, regression, images): config -> data + models -> teacher
+fine-tuning -> one stage per method -> results.
 
 Methods (methods.py): `finetune` (the student alone, no teacher), `kd`, `metadistil`, `metadistil-no-pilot`.
-Every stage is resumable: its last checkpoint holds both models, both optimizers and schedules, the RNG and the
-step (the data position is a function of the step), so a resumed run ends with the metrics of an uninterrupted
-one.
+Each stage runs in the shared stage loop (loop.py: steps, evaluation cadence, best/last checkpoints, resume,
+stop-after, signals, metrics); this module supplies its data, models, dev evaluation and the best model's test.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,10 @@ from metadistil_scale.checkpoint import (
 from metadistil_scale.config import IMAGE_TASKS, Config, ConfigError, StageConfig, config_to_dict, save_config
 from metadistil_scale.data.image_task import load_image_task
 from metadistil_scale.data.text import TaskInfo, TextCollator, load_text_task
+from metadistil_scale.loop import PLANNED_STOP_EXIT as PLANNED_STOP_EXIT  # re-exported: the launchers' import
+from metadistil_scale.loop import BatchStream, CheckpointHook, Evaluation, StageRun, run_stage_loop, to_device
+from metadistil_scale.loop import StopRequested as StopRequested
+from metadistil_scale.loop import StopSignals as StopSignals
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import Method, StepContext, get_method
 from metadistil_scale.metrics import compute_metrics, primary_metric
@@ -56,95 +58,6 @@ from metadistil_scale.teacher_cache import open_teacher_cache
 from metadistil_scale.trackers import open_trackers
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-PLANNED_STOP_EXIT = 3  # the CLI's exit code after a --stop-after checkpoint
-
-
-class StopRequested(Exception):
-    """Raised after a checkpoint when `stop_after` steps are reached or a stop signal came (a pre-empted job).
-
-    `exit_code` is 3 for a planned stop, 128 + the signal's number for SIGINT/SIGTERM (the shell's convention)."""
-
-    def __init__(self, message: str, exit_code: int = PLANNED_STOP_EXIT) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM ask the running stage to stop at the next step boundary, after a checkpoint,
-    instead of dying mid-step; a second signal of the same kind interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received == signum:  # asked twice: stop now
-            signal.signal(signum, self._previous[signum])
-            signal.raise_signal(signum)
-        self.received = signum
-
-    def should_stop(self) -> bool:
-        """Whether any rank received a stop signal (a collective when several ranks run)."""
-        asked = self.received is not None
-        return dist.all_reduce_sum(float(asked)) > 0 if dist.world_size() > 1 else asked
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# Called on every rank right after a stage's `last` checkpoint is complete, with the stage's name, the
-# checkpoint's path (a folder or last.pt) and the step's record (loss, dev metrics, step). A launcher uses it to
-# hand the checkpoint to its own fault tolerance (Ray Train); it may be a collective.
-CheckpointHook = Callable[[str, Path, dict[str, Any]], None]
-
-
-# ---------------------------------------------------------------- data plumbing
-
-
-class BatchStream:
-    """Deterministic batches: epoch e is a permutation drawn from (seed, e); step k is its (k mod E)-th batch.
-    The position is a function of the step alone, which is what makes resume exact. With data parallelism every
-    rank draws the same global batch and keeps its own contiguous slice, in micro-batches."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, collate, micro_batch_size: int | None,
-                 rank: int = 0, world: int = 1) -> None:
-        if len(dataset) < batch_size:
-            raise ValueError(f"the split has {len(dataset)} examples, fewer than one batch of {batch_size}")
-        if batch_size % world:
-            raise ValueError(f"a batch of {batch_size} does not split over {world} data-parallel ranks")
-        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.local = batch_size // world
-        self.start = rank * self.local
-        self.micro = micro_batch_size or self.local
-        self.per_epoch = len(dataset) // batch_size  # drop_last: every step sees a full batch
-
-    def __call__(self, step: int) -> list[dict]:
-        epoch, index = divmod(step, self.per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        ids = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
-        ids = ids[self.start : self.start + self.local]
-        return [self.collate(self.dataset.select(ids[i : i + self.micro])) for i in range(0, len(ids), self.micro)]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
 
 
 @dataclass
@@ -295,81 +208,42 @@ def run_stage(
     stop_after: int | None = None,
     on_checkpoint: CheckpointHook | None = None,
 ) -> StageResult:
-    """Train one method to the end of its budget, with evaluation, best/last checkpoints and metrics.jsonl.
-
-    For `finetune` the trained model is `student` (used for the teacher's own fine-tuning too)."""
+    """Train one method to the end of its budget through the stage loop (loop.py), then test its best
+    checkpoint. For `finetune` the trained model is `student` (used for the teacher's own fine-tuning too)."""
     algorithm = get_method(method)
     stage_key, role = ("teacher_finetune", "teacher") if name == "teacher" else ("student_train", "student")
     stage = getattr(cfg, stage_key)
     device = next(student.parameters()).device
     steps = total_steps(stage, len(task.rows("train")))
-    main = dist.is_main()
     check_distributed(cfg, dist.world_size())  # also for callers other than train() (experiments, Ray workers)
     stream = _stage_stream(task, "train", stage.batch_size, cfg.seed, stage.micro_batch_size)
-    metric_key = primary_metric(task.info.metric)
     ctx = _step_context(algorithm, cfg, task, stage_key, role, steps, student, teacher, device)
-    trains_teacher = algorithm.trains_teacher
-    student_model, teacher_model = ctx.student, ctx.teacher
-    trained_teacher = teacher if trains_teacher else None  # saved, evaluated and tested with the student
+    trained_teacher = teacher if algorithm.trains_teacher else None  # saved, evaluated and tested with the student
 
     fingerprint = stage_fingerprint(cfg, name, method)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
     # Both engines when the teacher trains; their optimizers, schedules, the RNG and the step.
-    last = StageCheckpoint(out_dir, fingerprint,
-                           {"student": student_model, **({"teacher": teacher_model} if trains_teacher else {})})
-    state = _start_state(last, resume, metrics_path, cfg.seed, f"[{name}]", steps)
-
-    def save_last() -> None:
-        last.save(state)
-
-    def save_best() -> None:
-        # Under ZeRO-3 the weights are shards: gather them (on every rank), rank 0 writes.
-        with student_model.gathered(), (teacher_model.gathered() if trains_teacher else contextlib.nullcontext()):
-            if main:
-                atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, trained_teacher, task, role))
-        dist.barrier()
-
-    student.train()
-    start_time = time.perf_counter() - state["wall_time_s"]
-    bar = tqdm(total=steps, initial=state["step"], desc=f"{name}", dynamic_ncols=True, leave=False, disable=not main)
-    # The bar is closed (its line cleared) however the loop ends, so an error prints on a line of its own.
-    with open(metrics_path, "a") if main else contextlib.nullcontext(_NoLog()) as log, StopSignals() as signals, bar, \
-            open_trackers(cfg, out_dir, enabled=main, start_step=state["step"]) as trackers, \
-            ctx.teacher_cache or contextlib.nullcontext():  # the cache writes its new rows when the stage ends
-        while state["step"] < steps:
-            step = state["step"]
-            parts = to_device(stream(step), device)
-            logged = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == steps
-            record = algorithm.step(ctx, step, parts, logged)
-            state["step"] = step + 1
-            record.update(step=state["step"], lr=student_model.lr)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if state["step"] % cfg.eval_every == 0 or state["step"] == steps:
-                record.update(_evaluate_dev(student, role, trained_teacher, task, cfg, device))
-                if record[f"dev_{metric_key}"] > state["best_dev"]:
-                    state.update(best_dev=record[f"dev_{metric_key}"], best_step=state["step"])
-                    save_best()
-            if state["step"] % cfg.log_every == 0 or f"dev_{metric_key}" in record:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                trackers.log(record, state["step"])
-            state["wall_time_s"] = time.perf_counter() - start_time
-            if f"dev_{metric_key}" in record or state["step"] == steps:
-                save_last()
-                if on_checkpoint is not None:
-                    on_checkpoint(name, last.path, {**record, "best_dev": state["best_dev"], "steps": steps})
-            if state["step"] < steps and signals.should_stop():
-                save_last()
-                sig = signal.Signals(signals.received or signal.SIGTERM)
-                raise StopRequested(f"[{name}] {sig.name} received: stopped at step {state['step']}/{steps} with a "
-                                    "checkpoint; rerun the same command with --resume to continue", 128 + sig.value)
-            if stop_after is not None and state["step"] >= stop_after and state["step"] < steps:
-                save_last()
-                raise StopRequested(f"[{name}] stopped at step {state['step']}/{steps}; rerun with --resume")
-
+    models = {"student": ctx.student, **({"teacher": ctx.teacher} if algorithm.trains_teacher else {})}
+    evaluation = Evaluation(
+        run=lambda: _evaluate_dev(student, role, trained_teacher, task, cfg, device),
+        key=f"dev_{primary_metric(task.info.metric)}",
+        save_best=lambda: _save_best(ctx, out_dir, student, trained_teacher, task, role))
+    run = StageRun(name, algorithm, ctx, stream, steps, cfg.log_every, cfg.eval_every, evaluation,
+                   StageCheckpoint(out_dir, fingerprint, models), out_dir / "metrics.jsonl",
+                   open_trackers=lambda start: open_trackers(cfg, out_dir, enabled=dist.is_main(), start_step=start))
+    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     return _test_best(name, method, steps, state, fingerprint, cfg, task, out_dir, role, student, trained_teacher)
+
+
+def _save_best(ctx: StepContext, out_dir: Path, student: nn.Module, trained_teacher: nn.Module | None, task: Task,
+               role: str) -> None:
+    """The best weights as `save_pretrained` folders. Under ZeRO-3 the weights are shards: gather them (on
+    every rank), rank 0 writes."""
+    teacher_gathered = ctx.teacher.gathered() if trained_teacher is not None else contextlib.nullcontext()
+    with ctx.student.gathered(), teacher_gathered:
+        if dist.is_main():
+            atomic_dir(out_dir / "best", lambda tmp: _save_models(tmp, student, trained_teacher, task, role))
+    dist.barrier()
 
 
 def _test_best(name: str, method: str, steps: int, state: dict[str, Any], fingerprint: dict[str, Any],
@@ -399,21 +273,6 @@ def _test_best(name: str, method: str, steps: int, state: dict[str, Any], finger
                           out_dir / "done.json")
     dist.barrier()
     return result
-
-
-def _start_state(last: StageCheckpoint, resume: bool, metrics_path: Path, seed: int, tag: str,
-                 steps: int) -> dict[str, Any]:
-    """The resumed checkpoint's state (the log cut back to its step), or a fresh, seeded start."""
-    if resume and last.exists():
-        state = last.load()
-        if dist.is_main():
-            _truncate_jsonl(metrics_path, state["step"])
-            tqdm.write(f"{tag} resumed from {last.path} at step {state['step']}/{steps}")
-        return state
-    seed_everything(seed)
-    if dist.is_main():
-        metrics_path.unlink(missing_ok=True)
-    return {"step": 0, "best_dev": -math.inf, "best_step": 0, "wall_time_s": 0.0}
 
 
 def _evaluate_dev(student: nn.Module, role: str, trained_teacher: nn.Module | None, task: Task, cfg: Config,
@@ -469,16 +328,6 @@ def _step_context(method: Method, cfg: Config, task: Task, stage_key: str, role:
     return ctx
 
 
-class _NoLog:
-    """The metrics log of ranks other than 0."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
 def _save_models(folder: Path, model: nn.Module, teacher: nn.Module | None, task: Task, role: str) -> None:
     save_model(model, folder, task.teacher_tokenizer if role == "teacher" else task.student_tokenizer)
     if teacher is not None:
@@ -488,14 +337,6 @@ def _save_models(folder: Path, model: nn.Module, teacher: nn.Module | None, task
 def _load_best(folder: Path, like: nn.Module) -> nn.Module:
     """The saved best weights, in a model of the live one's class, dtype and device."""
     return load_saved_like(folder, like)
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint, so a resumed run's log equals an uninterrupted one's."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text("".join(line + "\n" for line in kept), path)
 
 
 def load_done(out_dir: Path, expected_config: dict | None = None) -> StageResult | None:
@@ -530,10 +371,16 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device: cuda was asked for but no CUDA device is available")
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        if cfg.cpu_allocator == "retain":
-            retain_freed_host_memory()
         return torch.device("cpu")
     return torch.device("cuda", dist.local_rank())  # one GPU per rank
+
+
+def configure_cpu_allocator(cfg: Config, device: torch.device) -> None:
+    """The `cpu_allocator` key, process-wide: `retain` (the default) on a CPU run keeps freed memory in glibc's
+    heap (retain_freed_host_memory; a MetaDistil step on CPU ran ~8% faster), `system` leaves glibc's
+    defaults. Called by the entry points (train, experiment, lm-train) once they know the device."""
+    if device.type == "cpu" and cfg.cpu_allocator == "retain":
+        retain_freed_host_memory()
 
 
 def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, stop_after: int | None,
@@ -570,6 +417,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     if main:
         save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg)
+    configure_cpu_allocator(cfg, device)
 
     teacher_dir, teacher_result = fine_tune_teacher(cfg, task, out, device, resume, stop_after, on_checkpoint)
     rows = []

@@ -316,11 +316,11 @@ def test_missing_or_broken_config_files_name_the_key(tmp_path):
 
 
 def test_cli_flags_set_the_deepspeed_keys():
-    from metadistil_scale.cli import _load, build_parser
+    from metadistil_scale.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["train", "--deepspeed-teacher", "ds_configs/zero3.json",
                                       "--deepspeed-student", "ds_configs/zero2.json"])
-    cfg = _load(args)
+    cfg = config_from_args(args)
     assert (cfg.deepspeed_teacher, cfg.deepspeed_student) == ("ds_configs/zero3.json", "ds_configs/zero2.json")
 
 

@@ -162,14 +162,14 @@ def test_install_result_says_what_is_wrong():
 def test_train_commands_parse_as_the_cli_and_the_launcher_will(tmp_path):
     from metadistil_scale.launch.deepspeed_train import strip_local_rank
 
-    from metadistil_scale.cli import _load, build_parser
+    from metadistil_scale.cli import build_parser, config_from_args
 
     cmds = gc.train_commands("/venv/bin/python", tmp_path / "ds", tmp_path / "one", 29511)
     launcher, one = cmds["deepspeed"], cmds["one_process"]
     assert launcher[1:7] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29511"]
     entry = launcher[launcher.index("metadistil_scale.launch.deepspeed_train") + 1:]
     assert entry[:-1] == one[3:-1]  # the same job, only the output folder differs
-    cfg = _load(build_parser().parse_args(strip_local_rank([*entry, "--local_rank=0"])))
+    cfg = config_from_args(build_parser().parse_args(strip_local_rank([*entry, "--local_rank=0"])))
     assert cfg.student_train.max_steps == cfg.teacher_finetune.max_steps == gc.TRAIN_STEPS == 20
     assert cfg.deepspeed_teacher == "ds_configs/zero3_bf16.json" and cfg.device == "cuda"
     assert json.loads((REPO / cfg.deepspeed_teacher).read_text())["zero_optimization"]["stage"] == 3

@@ -439,3 +439,57 @@ def test_teacher_lr_schedule_spans_its_updates(tmp_path, monkeypatch):
     recipe.train_method("metadistil", cfg, teacher, student, splits, torch.device("cpu"), tmp_path / "log")
     # Updates at steps 1, 5 and 9: the lr after each is 2/3, 1/3 and 0 of the base lr.
     assert lrs == pytest.approx([lr * 2 / 3, lr / 3, 0.0], abs=1e-15)
+
+
+def test_lm_train_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, capsys):
+    """The LM stages run in the shared stage loop: --stop-after checkpoints and exits 3, --resume continues, and
+    the weights (both models, optimizers), the loop's state and metrics.jsonl end as in one uninterrupted run."""
+    from metadistil_scale.checkpoint import load_checkpoint
+    from metadistil_scale.cli import main
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    corpus = tiny_corpus(tmp_path / "corpus.txt", words)
+    settings = [f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16", "data.quiz_fraction=0.1",
+                "data.heldout_fraction=0.1", "student_train.batch_size=2", "student_train.max_steps=4",
+                "meta.quiz_batch_size=2", "model.chunk_rows=5", "model.student_layers=[1]", "eval_batch_size=4",
+                "eval_every=2", "methods=[kd, metadistil]"]
+
+    def lm_train(out: str, *flags: str) -> int:
+        return main(["lm-train", "--output-dir", str(tmp_path / out), *[x for o in settings for x in ("--set", o)],
+                     *flags])
+
+    assert lm_train("full") == 0
+    assert lm_train("stopped", "--stop-after", "3") == 3  # kd stops at step 3 of 4
+    assert "[kd] stopped at step 3/4; rerun with --resume" in capsys.readouterr().out
+    assert lm_train("stopped", "--resume", "--stop-after", "3") == 3  # kd ends; metadistil stops at 3
+    assert lm_train("stopped", "--resume") == 0
+
+    def without_times(path) -> list[dict]:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
+
+    for method in ("kd", "metadistil"):
+        full, resumed = (load_checkpoint(tmp_path / run / method / "last.pt") for run in ("full", "stopped"))
+        assert resumed["state"]["step"] == 4
+        for key in ("step", "best_dev", "best_step", "last_eval"):
+            assert resumed["state"][key] == full["state"][key], (method, key)
+        models = ("student", "teacher") if method == "metadistil" else ("student",)
+        for name in models:
+            for part in ("model", "optimizer"):
+                flat_full, flat_resumed = _tensors(full[name][part]), _tensors(resumed[name][part])
+                assert flat_full.keys() == flat_resumed.keys()
+                assert all(torch.equal(flat_full[k], flat_resumed[k]) for k in flat_full), (method, name, part)
+        assert without_times(tmp_path / "stopped" / method / "metrics.jsonl") == \
+            without_times(tmp_path / "full" / method / "metrics.jsonl")
+        assert (tmp_path / "stopped" / method / "student" / "config.json").is_file()
+    full, resumed = (json.loads((tmp_path / run / "results.json").read_text())["rows"] for run in ("full", "stopped"))
+    assert [r["heldout"] for r in resumed] == [r["heldout"] for r in full]
+
+
+def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested state dict, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}

@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from metadistil_scale.backends import dist
+from metadistil_scale.backends.base import BackendModel
 from metadistil_scale.checkpoint import (
     CheckpointError,
+    atomic_copy,
+    atomic_dir,
     atomic_save,
     atomic_write_text,
     check_fingerprint,
@@ -52,17 +55,13 @@ from metadistil_scale.checkpoint import (
 TAG = re.compile(r"step-\d{8}")
 
 
-def _zero_stage(model: Any) -> int | None:
-    return getattr(model, "zero_stage", None)
-
-
 class StageCheckpoint:
     """The `last` checkpoint of one stage in `out_dir`; `models` maps names ("student", "teacher") to backend
-    models (TorchModel or DeepSpeedModel)."""
+    models. One model whose state is per rank (`sharded_checkpoint`) makes it a folder."""
 
-    def __init__(self, out_dir: Path, fingerprint: dict[str, Any], models: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, fingerprint: dict[str, Any], models: dict[str, BackendModel]) -> None:
         self.fingerprint, self.models = fingerprint, models
-        self.sharded = any(_zero_stage(m) is not None for m in models.values())
+        self.sharded = any(m.sharded_checkpoint for m in models.values())
         self.path = out_dir / ("last" if self.sharded else "last.pt")
         if dist.is_main():  # a stage starts: nothing of this run writes here yet
             removed = [entry for folder in (out_dir, out_dir / "last") for entry in remove_stale_temps(folder)]
@@ -108,7 +107,7 @@ class StageCheckpoint:
 
     # -- a folder through DeepSpeed's save/load
     def _stages(self) -> dict[str, int | None]:
-        return {name: _zero_stage(model) for name, model in self.models.items()}
+        return {name: model.zero_stage for name, model in self.models.items()}
 
     def _save_folder(self, state: dict[str, Any]) -> None:
         tag = f"step-{state['step']:08d}"
@@ -173,3 +172,35 @@ def latest_folder(path: Path) -> Path:
     if not TAG.fullmatch(tag) or not (path / tag).is_dir():
         raise CheckpointError(f"{path / 'latest'} names {tag[:40]!r}, which is not a checkpoint folder in {path}")
     return path / tag
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the stage checkpoint at `path` (a `last.pt` file or a `last/` folder), verified (checksums,
+    weights-only load); None when there is none, CheckpointError when it is unusable."""
+    if path.is_dir() and (path / "latest").is_file():
+        folder = latest_folder(path)
+        verify_folder(folder)
+        return int(folder.name.removeprefix("step-"))
+    if path.is_file():
+        state = load_checkpoint(path).get("state")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: not a stage checkpoint (no trainer state)")
+        return state["step"]
+    return None
+
+
+def copy_checkpoint(path: Path, target: Path) -> None:
+    """Copy the newest complete stage checkpoint at `path` (StageCheckpoint.path) to `target`, in the same
+    layout, swapped in whole (a launcher's storage, or back into a run folder)."""
+    if path.is_dir():
+        folder = latest_folder(path)
+
+        def write(tmp: Path) -> None:
+            shutil.copytree(folder, tmp / folder.name)
+            shutil.copy2(path / "latest", tmp / "latest")
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_dir(target, write)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_copy(path, target)

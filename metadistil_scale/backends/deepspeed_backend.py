@@ -1,5 +1,5 @@
 """The DeepSpeed backend: a model trained by a DeepSpeed engine (ZeRO 0/1/2/3, CPU offload, bf16) behind the
-same surface as TorchModel, so that the steps (steps.py, meta.py) run unchanged on either.
+backend interface (base.BackendModel) as TorchModel, so that the steps (steps.py, meta.py) run unchanged on either.
 
 One semantics for both backends: a loss handed to backward() is a sum over this rank's rows divided by the rows
 of the whole global batch, so the global gradient is the *sum* of the ranks' gradients. DeepSpeed instead
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from metadistil_scale.backends import dist
+from metadistil_scale.backends.base import hand_whole_parameters
 from metadistil_scale.backends.torch_backend import build_optimizer, logits_of, lr_schedule
 from metadistil_scale.checkpoint import CheckpointError, weights_only_loads
 from metadistil_scale.config import ConfigError, OptimConfig
@@ -57,13 +58,10 @@ def resolve_ds_config(
     micro_batch_size: int,
     grad_accum: int,
     world: int,
-    functional: bool = False,
 ) -> dict[str, Any]:
     """The config handed to deepspeed.initialize: "auto" keys filled from the recipe, conflicts refused.
 
-    `where` names the config in errors ("deepspeed_teacher (ds_configs/zero3.json)"). `functional` marks the
-    student of a MetaDistil run, whose pilot/quiz/JVP passes read its full parameters; the model gathers them
-    under ZeRO-3."""
+    `where` names the config in errors ("deepspeed_teacher (ds_configs/zero3.json)")."""
     cfg = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
@@ -71,7 +69,18 @@ def resolve_ds_config(
                 f"{where}: remove '{section}': the optimizer and its schedule come from the recipe ({optim_key}), "
                 "so that the torch and DeepSpeed backends train alike"
             )
+    _resolve_clipping(cfg, where, optim, optim_key)
+    _resolve_batch(cfg, where, micro_batch_size, grad_accum, world)
+    stage = _resolve_zero(cfg, where, optim)
+    if optim is not None and optim.name == "sgd" and stage > 0:
+        cfg.setdefault("zero_allow_untested_optimizer", True)  # ZeRO runs SGD fine; it only lists Adam-likes
+    if _offloads_optimizer(cfg) and not _uses_cpu_adam(cfg, optim):
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # the recipe's torch optimizer steps on the CPU
+    cfg.setdefault("steps_per_print", 2**31 - 1)  # progress is the trainer's job
+    return cfg
 
+
+def _resolve_clipping(cfg: dict[str, Any], where: str, optim: OptimConfig | None, optim_key: str) -> None:
     # DeepSpeed clips at 1.0 when the key is absent: make every config say what it means.
     if "gradient_clipping" not in cfg:
         raise ConfigError(
@@ -90,6 +99,8 @@ def resolve_ds_config(
             f"{optim.max_grad_norm}; make them agree or write \"auto\""
         )
 
+
+def _resolve_batch(cfg: dict[str, Any], where: str, micro_batch_size: int, grad_accum: int, world: int) -> None:
     recipe = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -105,6 +116,9 @@ def resolve_ds_config(
                 "accumulation); remove the key or write \"auto\""
             )
 
+
+def _resolve_zero(cfg: dict[str, Any], where: str, optim: OptimConfig | None) -> int:
+    """zero_optimization checked and completed; returns the stage."""
     zero = cfg.setdefault("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{where}: zero_optimization must be a JSON object")
@@ -119,12 +133,7 @@ def resolve_ds_config(
         # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process with an
         # autograd.Function that has no forward-mode rule: the student's JVP would fail.
         zero.setdefault("memory_efficient_linear", False)
-    if optim is not None and optim.name == "sgd" and stage > 0:
-        cfg.setdefault("zero_allow_untested_optimizer", True)  # ZeRO runs SGD fine; it only lists Adam-likes
-    if _offloads_optimizer(cfg) and not _uses_cpu_adam(cfg, optim):
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # the recipe's torch optimizer steps on the CPU
-    cfg.setdefault("steps_per_print", 2**31 - 1)  # progress is the trainer's job
-    return cfg
+    return stage
 
 
 def _offloads_optimizer(cfg: dict[str, Any]) -> bool:
@@ -186,9 +195,9 @@ class DeepSpeedModel:
         where = key if isinstance(ds_config, dict) else f"{key} ({ds_config})"
         self.config = resolve_ds_config(
             load_ds_config(ds_config, key), where=where, optim=optim, optim_key=optim_key,
-            micro_batch_size=micro_batch_size, grad_accum=grad_accum, world=dist.world_size(), functional=functional,
+            micro_batch_size=micro_batch_size, grad_accum=grad_accum, world=dist.world_size(),
         )
-        self.zero_stage: int = self.config["zero_optimization"]["stage"]
+        self._zero_stage: int = self.config["zero_optimization"]["stage"]
         self.grad_accum = grad_accum
         self._pending = 0  # backward() calls since the last step()
         self._replica = copy.deepcopy(module) if functional and self.zero_stage == 3 else None
@@ -204,6 +213,8 @@ class DeepSpeedModel:
             )
         self.engine, *_ = deepspeed.initialize(model=module, config=self.config, dist_init_required=False, **kwargs)
         self.module.train(was_training)  # the engine may switch modes; the teacher runs in eval mode
+        if self.zero_stage == 3:  # parameters are shards from here on
+            hand_whole_parameters(self.module, self.whole_parameter)
         self.trains = optim is not None
         self._live = dict(self.module.named_parameters())
         if self._replica is not None:  # in the engine's precision, hook-free
@@ -212,6 +223,10 @@ class DeepSpeedModel:
     @property
     def module(self) -> nn.Module:
         return self.engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return self._zero_stage
 
     @property
     def world(self) -> int:
@@ -295,6 +310,28 @@ class DeepSpeedModel:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.trains else 0.0
 
+    @property
+    def sharded_checkpoint(self) -> bool:
+        return True  # the optimizer state is per rank even at ZeRO 0, through DeepSpeed's own format
+
+    def whole_parameter(self, owner: nn.Module, param: nn.Parameter) -> torch.Tensor:
+        """A whole copy of `param`, whose gradient flows back to it. ZeRO-3 keeps only a shard outside the modules'
+        forwards; registered as `owner`'s external parameter, it is gathered for owner's forward from the second
+        call on."""
+        if self.zero_stage != 3:
+            return param
+        from deepspeed.runtime.zero.partition_parameters import (
+            GatheredParameters,
+            ZeroParamStatus,
+            register_external_parameter,
+        )
+
+        if param.ds_status == ZeroParamStatus.AVAILABLE:
+            return param.clone()
+        register_external_parameter(owner, param)
+        with GatheredParameters(param):
+            return param.clone()
+
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Full parameters on every rank for the block (ZeRO-3 keeps only shards outside forward); a collective.
@@ -308,6 +345,12 @@ class DeepSpeedModel:
             yield
 
     # -- checkpoints: DeepSpeed's own format (module, sharded optimizer, schedule); collective
+    def state_dict(self) -> dict[str, Any]:
+        raise CheckpointError("a DeepSpeed engine's state is per rank: save it with save_checkpoint")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise CheckpointError("a DeepSpeed engine's state is per rank: load it with load_checkpoint")
+
     def save_checkpoint(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 

@@ -1,6 +1,6 @@
 """The plain-torch backend: one trained model with its optimizer, schedule and gradient clipping.
 
-The MetaDistil step talks to a model only through this surface (forward, backward, step, reduce), so that the
+The MetaDistil step talks to a model only through the backend interface (base.BackendModel), so that the
 DeepSpeed backend can stand in for it without the step being written twice.
 """
 
@@ -134,9 +134,20 @@ class TorchModel:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0
 
+    @property
+    def zero_stage(self) -> None:
+        return None  # every rank holds the whole model
+
+    @property
+    def sharded_checkpoint(self) -> bool:
+        return False
+
     def gathered(self) -> contextlib.AbstractContextManager:
         """Full parameters for the block: always the case here (the DeepSpeed backend gathers ZeRO-3 shards)."""
         return contextlib.nullcontext()
+
+    def whole_parameter(self, owner: nn.Module, param: nn.Parameter) -> torch.Tensor:
+        return param
 
     # -- checkpoints
     def save_checkpoint(self, folder: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metadistil_scale.backends.base import WholeParameter
 from metadistil_scale.lm.chunked import HeadLogits
 from metadistil_scale.models.text import ModelError, from_pretrained
 
@@ -201,6 +202,7 @@ class CausalLMHead(nn.Module):
         self.lm = lm
         self.chunk_rows = chunk_rows
         self.materialize = materialize
+        self._whole: WholeParameter = lambda owner, param: param  # until a sharding backend says otherwise
         head = lm.get_output_embeddings()
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise ModelError(f"{type(lm).__name__}: the chunked losses need a bias-free linear LM head")
@@ -229,26 +231,13 @@ class CausalLMHead(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         hidden = out.last_hidden_state
-        weight = self.lm.get_output_embeddings().weight
-        if hasattr(weight, "ds_id"):
-            weight = self._zero3_head_copy(weight)
+        # The chunked losses use the head after this forward: under a sharding backend, a whole copy of it.
+        weight = self._whole(self, self.lm.get_output_embeddings().weight)
         return hidden.reshape(-1, hidden.shape[-1]), weight
 
-    def _zero3_head_copy(self, weight: nn.Parameter) -> torch.Tensor:
-        """ZeRO-3 keeps only a shard of the head outside the modules' forwards, and the chunked losses use it after
-        this forward: they get a whole copy, whose gradient flows back to the parameter. Registered as this
-        module's external parameter, the head is gathered for its forward from the second call on."""
-        from deepspeed.runtime.zero.partition_parameters import (
-            GatheredParameters,
-            ZeroParamStatus,
-            register_external_parameter,
-        )
-
-        if weight.ds_status == ZeroParamStatus.AVAILABLE:
-            return weight.clone()
-        register_external_parameter(self, weight)
-        with GatheredParameters(weight):
-            return weight.clone()
+    def read_parameters_with(self, whole: WholeParameter) -> None:
+        """backends.base.ReadsWholeParameters: how to read the (possibly sharded) head whole."""
+        self._whole = whole
 
     def forward(
         self,

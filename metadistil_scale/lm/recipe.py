@@ -23,8 +23,9 @@ import torch
 import yaml
 from torch import nn
 
-from metadistil_scale.backends.torch_backend import TorchModel
-from metadistil_scale.checkpoint import atomic_write_text, seed_everything
+from metadistil_scale.backends import dist, make_model
+from metadistil_scale.backends.checkpointing import StageCheckpoint
+from metadistil_scale.checkpoint import atomic_dir, atomic_write_text, seed_everything
 from metadistil_scale.config import (
     CPU_ALLOCATORS,
     METHODS,
@@ -35,6 +36,7 @@ from metadistil_scale.config import (
     _build,
     read_raw_config,
     require,
+    validate_deepspeed,
     validate_distill,
     validate_meta,
     validate_stage,
@@ -51,9 +53,10 @@ from metadistil_scale.lm.models import (
     select_layers,
     student_from_layers,
 )
+from metadistil_scale.loop import BatchStream, Evaluation, StageRun, run_stage_loop, to_device
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import StepContext, get_method
-from metadistil_scale.trainer import DTYPES, BatchStream, resolve_device, to_device
+from metadistil_scale.trainer import DTYPES, configure_cpu_allocator, resolve_device
 
 # ---------------------------------------------------------------- config
 
@@ -96,6 +99,10 @@ class LMConfig:
     dtype: str = "float32"
     eval_batch_size: int = 8
     log_every: int = 1
+    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); always at the end
+    # DeepSpeed JSON configs (ds_configs/), as for the classification task; None: the torch backend
+    deepspeed_teacher: str | None = None
+    deepspeed_student: str | None = None
     data: LMDataConfig = field(default_factory=LMDataConfig)
     model: LMModelConfig = field(default_factory=LMModelConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(alpha=0.5, temperature=2.0))
@@ -119,7 +126,7 @@ def validate_lm(c: LMConfig) -> None:
     require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
     require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
     require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
-    for key in ("eval_batch_size", "log_every"):
+    for key in ("eval_batch_size", "log_every", "eval_every"):
         require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
     d = c.data
     require(d.seq_len >= 2, "data.seq_len", ">= 2", d.seq_len)
@@ -132,6 +139,7 @@ def validate_lm(c: LMConfig) -> None:
     validate_distill(c.distill)
     validate_meta(c.meta)
     validate_stage(c.student_train, "student_train")
+    validate_deepspeed(c)
 
 
 # ---------------------------------------------------------------- models and evaluation
@@ -190,7 +198,9 @@ class _RowIndex:
 
 
 def _stream(rows: LMRows, batch_size: int, seed: int, micro: int | None) -> BatchStream:
-    return BatchStream(_RowIndex(rows), min(batch_size, len(rows)), seed, rows.batch, micro)
+    """This rank's slice of every global batch of `rows`."""
+    return BatchStream(_RowIndex(rows), min(batch_size, len(rows)), seed, rows.batch, micro, dist.rank(),
+                       dist.world_size())
 
 
 # ---------------------------------------------------------------- one method
@@ -203,21 +213,62 @@ def train_method(
     base_student: nn.Module,
     splits: dict[str, LMRows],
     device: torch.device,
-    log_path: Path,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Train a fresh copy of the student with `method`; returns the held-out metrics and timings."""
+    """Train a fresh copy of the student with `method` through the stage loop (loop.py: checkpoints in
+    `out_dir`, resume, stop-after, metrics.jsonl); returns the final student's held-out metrics and timings.
+    With a `tokenizer` the final student is also saved as a `save_pretrained` folder, `out_dir/student`."""
     seed_everything(cfg.seed)
     algorithm = get_method(method)
     stage = cfg.student_train
     steps = stage.max_steps or max(1, math.ceil(stage.epochs * (len(splits["train"]) // stage.batch_size)))
-    student = TorchModel(wrap(copy.deepcopy(base_student), cfg), stage.optim, steps)
+    ctx = _lm_step_context(method, cfg, base_teacher, base_student, splits, steps, device)
+    heldout = splits["heldout"]
+    evaluation = Evaluation(run=lambda: _heldout_record(ctx, heldout, cfg, device),
+                            key="heldout_perplexity", higher_is_better=False)
+    models = {"student": ctx.student, **({"teacher": ctx.teacher} if algorithm.trains_teacher else {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = StageRun(method, algorithm, ctx, _stream(splits["train"], stage.batch_size, cfg.seed,
+                                                   stage.micro_batch_size),
+                   steps, cfg.log_every, cfg.eval_every, evaluation,
+                   StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models), out_dir / "metrics.jsonl")
+    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after)
+    if tokenizer is not None:
+        with ctx.student.gathered():  # every rank gathers, rank 0 writes
+            if dist.is_main():
+                atomic_dir(out_dir / "student", lambda tmp: _save_lm(ctx.student.module.lm, tokenizer, tmp))
+        dist.barrier()
+    # The held-out split is the only evaluation split: the result is the last model's (no selection on it).
+    last = state["last_eval"]
+    result = {"method": method, "steps": steps, "train_time_s": state["wall_time_s"],
+              "step_time_s": state["wall_time_s"] / steps, "heldout": _unprefixed(last, "heldout_")}
+    if algorithm.trains_teacher:
+        result["teacher_heldout_after"] = _unprefixed(last, "teacher_heldout_")
+    return result
+
+
+def _lm_step_context(method: str, cfg: LMConfig, base_teacher: nn.Module, base_student: nn.Module,
+                     splits: dict[str, LMRows], steps: int, device: torch.device) -> StepContext:
+    """Fresh copies of the models behind their backends, and the streams `method` asks for."""
+    algorithm = get_method(method)
+    stage = cfg.student_train
+    batching = dict(batch_size=stage.batch_size, micro_batch_size=stage.micro_batch_size, stage_key="student_train")
+    student = make_model(wrap(copy.deepcopy(base_student), cfg), stage.optim, steps,
+                         ds_config=cfg.deepspeed_student, ds_key="deepspeed_student", optim_key="student_train.optim",
+                         functional=algorithm.trains_teacher, **batching)
     teacher = None
     if algorithm.uses_teacher:
-        teacher_lm = copy.deepcopy(base_teacher) if algorithm.trains_teacher else base_teacher
+        # A trained teacher is a copy; so is one that an engine takes over (ZeRO-3 shards its weights in place).
+        copied = algorithm.trains_teacher or cfg.deepspeed_teacher is not None
+        teacher_lm = copy.deepcopy(base_teacher) if copied else base_teacher
         teacher_lm.eval()
-        teacher = TorchModel(wrap(teacher_lm, cfg), algorithm.teacher_optim(cfg.meta),
-                             algorithm.teacher_schedule_steps(cfg.meta, steps))
-    stream = _stream(splits["train"], stage.batch_size, cfg.seed, stage.micro_batch_size)
+        teacher = make_model(wrap(teacher_lm, cfg), algorithm.teacher_optim(cfg.meta),
+                             algorithm.teacher_schedule_steps(cfg.meta, steps), ds_config=cfg.deepspeed_teacher,
+                             ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
     ctx = StepContext(student, teacher, cfg.distill, cfg.meta, device)
     if algorithm.trains_teacher:
         ctx.metadistil = MetaDistil(teacher, student, cfg.distill, cfg.meta)
@@ -226,38 +277,55 @@ def train_method(
                                   stage.micro_batch_size)
     if algorithm.needs_pilot_stream:
         ctx.pilot_stream = _stream(splits["train"], stage.batch_size, cfg.seed + 7919, stage.micro_batch_size)
+    return ctx
 
-    student.module.train()
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        for step in range(steps):
-            parts = to_device(stream(step), device)
-            t0 = time.perf_counter()
-            logged = (step + 1) % cfg.log_every == 0 or step + 1 == steps
-            record = algorithm.step(ctx, step, parts, logged)
-            record.update(step=step + 1, step_time_s=time.perf_counter() - t0)
-            if logged:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(f"[{method}] step {step + 1}/{steps} loss {record['loss']:.4f} "
-                      f"({record['step_time_s']:.1f} s)", flush=True)
-    train_time = time.perf_counter() - started
-    result = {"method": method, "steps": steps, "train_time_s": train_time, "step_time_s": train_time / steps,
-              "heldout": evaluate_lm(student.module, splits["heldout"], cfg.eval_batch_size, device)}
-    if algorithm.trains_teacher:
-        result["teacher_heldout_after"] = evaluate_lm(teacher.module, splits["heldout"], cfg.eval_batch_size, device)
-    return result
+
+def lm_stage_fingerprint(cfg: LMConfig, method: str) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: data, models, method, optimisation."""
+    full = dataclasses.asdict(cfg)
+    keys = ("seed", "dtype", "eval_every", "data", "model", "distill", "student_train")
+    return {"method": method, **{k: full[k] for k in keys},
+            "meta": full["meta"] if get_method(method).trains_teacher else None}
+
+
+def _heldout_record(ctx: StepContext, heldout: LMRows, cfg: LMConfig, device: torch.device) -> dict[str, float]:
+    """heldout_* metrics of the student and teacher_heldout_* of a teacher that trains. Every rank evaluates the
+    whole split (ZeRO-3 forwards are collective); rank 0's figures decide for all."""
+    record = {f"heldout_{k}": v for k, v in evaluate_lm(ctx.student.module, heldout, cfg.eval_batch_size,
+                                                         device).items()}
+    if ctx.metadistil is not None:
+        teacher = evaluate_lm(ctx.teacher.module, heldout, cfg.eval_batch_size, device)
+        record.update({f"teacher_heldout_{k}": v for k, v in teacher.items()})
+    return dist.broadcast_object(record)
+
+
+def _unprefixed(record: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+def _save_lm(lm: nn.Module, tokenizer: Any, folder: Path) -> None:
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_lm(cfg: LMConfig) -> dict[str, Any]:
+def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Every method's student in `output_dir/<method>/` (checkpoints, metrics.jsonl, the final `student/`),
+    the table in results.json and results.md. `resume` continues each method from its last checkpoint;
+    `stop_after` checkpoints and raises StopRequested once a method's stage reaches that step."""
     started = time.perf_counter()
+    # Under torchrun or the deepspeed launcher every rank runs this same job on its slice of each batch.
+    dist.init_distributed(use_deepspeed=bool(cfg.deepspeed_teacher or cfg.deepspeed_student))
+    check_lm_distributed(cfg, dist.world_size())
+    main = dist.is_main()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), out / "config.yaml")
     device = resolve_device(cfg)
+    configure_cpu_allocator(cfg, device)
     seed_everything(cfg.seed)
     teacher, student, tokenizer = build_lm_models(cfg, device)
     d = cfg.data
@@ -267,24 +335,41 @@ def run_lm(cfg: LMConfig) -> dict[str, Any]:
     if d.max_heldout_rows is not None and len(splits["heldout"]) > d.max_heldout_rows:
         splits["heldout"] = _first_rows(splits["heldout"], d.max_heldout_rows)
     sizes = {k: {"rows": len(v), "tokens": v.num_tokens} for k, v in splits.items()}
-    print(f"data: {json.dumps(sizes)}", flush=True)
+    if main:
+        print(f"data: {json.dumps(sizes)}", flush=True)
 
     rows = [{"model": "teacher", "method": "-", "steps": 0,
              "heldout": evaluate_lm(wrap(teacher, cfg), splits["heldout"], cfg.eval_batch_size, device)},
             {"model": "student", "method": "initial", "steps": 0,
              "heldout": evaluate_lm(wrap(student, cfg), splits["heldout"], cfg.eval_batch_size, device)}]
     for method in cfg.methods:
-        rows.append({"model": "student", **train_method(method, cfg, teacher, student, splits, device,
-                                                         out / f"{method}.jsonl")})
+        rows.append({"model": "student", **train_method(method, cfg, teacher, student, splits, device, out / method,
+                                                         resume=resume, stop_after=stop_after,
+                                                         tokenizer=tokenizer)})
     results = {
         "teacher": cfg.model.teacher, "data": d.source, "seed": cfg.seed, "splits": sizes,
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "rows": rows, "wall_time_s": time.perf_counter() - started,
     }
-    atomic_write_text(json.dumps(results, indent=2), out / "results.json")
-    atomic_write_text(results_markdown(results), out / "results.md")
+    if main:
+        atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+        atomic_write_text(results_markdown(results), out / "results.md")
+    dist.barrier()
     return results
+
+
+def check_lm_distributed(cfg: LMConfig, world: int) -> None:
+    """Refuse, before any work, batches that do not split over `world` data-parallel ranks."""
+    local = cfg.student_train.batch_size // world
+    require(cfg.student_train.batch_size % world == 0, "student_train.batch_size", f"divisible by the {world} ranks",
+            cfg.student_train.batch_size)
+    micro = cfg.student_train.micro_batch_size
+    require(micro is None or local % micro == 0, "student_train.micro_batch_size",
+            f"a divisor of the per-rank batch {local}", micro)
+    if any(get_method(m).needs_quiz for m in cfg.methods):
+        require(cfg.meta.quiz_batch_size % world == 0, "meta.quiz_batch_size", f"divisible by the {world} ranks",
+                cfg.meta.quiz_batch_size)
 
 
 def _first_rows(rows: LMRows, n: int) -> LMRows:
@@ -318,14 +403,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or value is False else format(value, spec)
 
 
-def lm_train(config: str | None, overrides: list[str]) -> int:
+def lm_train(config: str | None, overrides: list[str], *, resume: bool = False, stop_after: int | None = None) -> int:
     """The `metadistil-scale lm-train` entry: run, print the table, say where the results are."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg = load_lm_config(config, overrides)
-    results = run_lm(cfg)
-    print(results_markdown(results))
-    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    results = run_lm(cfg, resume=resume, stop_after=stop_after)
+    if dist.is_main():  # every rank of a data-parallel run ends here with the same results
+        print(results_markdown(results))
+        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return 0
