@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "held-out perplexity (default: SmolLM2-135M and its every-other-layer student on the KJV)")
     add_config_arguments(lm)  # a recipe such as configs/lm_smollm2_kjv.yaml; default: the embedded run
     _add_stop_arguments(lm)
+    lm_experiment = sub.add_parser("lm-experiment", help="causal-LM distillation, every method once per seed in "
+                                   "`seeds`: summary tables (held-out perplexity, metadistil − kd paired) and plots")
+    add_config_arguments(lm_experiment)
+    lm_experiment.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     show = sub.add_parser("config", help="print the resolved, validated config")
     add_config_arguments(show)
     return parser
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return _until_stopped(lambda: lm_train(args.config, _overrides(args), resume=args.resume,
                                                    stop_after=args.stop_after))
+        if args.command == "lm-experiment":
+            return _lm_experiment(args)
         cfg = config_from_args(args)
         if args.command == "config":
             save_config(cfg, Path("/dev/stdout"))
@@ -144,6 +150,21 @@ def _train(cfg, resume: bool, stop_after: int | None) -> int:
     if is_main():  # every rank of a data-parallel run ends here with the same results
         print_table(results)
         print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    return 0
+
+
+def _lm_experiment(args: argparse.Namespace) -> int:
+    from metadistil_scale.backends.dist import is_main
+    from metadistil_scale.lm.experiment import run_lm_experiment
+    from metadistil_scale.lm.recipe import load_lm_config, quiet_transformers
+    from metadistil_scale.report import format_table
+
+    quiet_transformers()
+    cfg = load_lm_config(args.config, _overrides(args))
+    summary = run_lm_experiment(cfg, resume=args.resume)
+    if is_main():
+        print(format_table(summary))
+        print(f"summary: {Path(cfg.output_dir) / 'summary.md'}")
     return 0
 
 

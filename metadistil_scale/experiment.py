@@ -51,17 +51,18 @@ TEACHER = "teacher"  # the fine-tuned teacher's row in the table (its test metri
 RUN_COLUMNS = ("method", "seed", "metric", "teacher_metric", "best_dev", "best_step", "steps", "wall_time_s")
 
 
-def read_curves(metrics_path: Path, metric: str) -> tuple[list[list[float]], list[list[float]]]:
-    """[[step, dev metric], ...] of the student and of the teacher (MetaDistil runs) from a metrics.jsonl."""
+def read_curves(metrics_path: Path, metric: str, split: str = "dev") -> tuple[list[list[float]], list[list[float]]]:
+    """[[step, metric], ...] on `split` of the student and of the teacher (MetaDistil runs) from a metrics.jsonl
+    (records with `<split>_<metric>` and `teacher_<split>_<metric>`)."""
     student, teacher = [], []
     for line in metrics_path.read_text().splitlines():
         if not line:
             continue
         record = json.loads(line)
-        if f"dev_{metric}" in record:
-            student.append([record["step"], record[f"dev_{metric}"]])
-        if f"teacher_dev_{metric}" in record:
-            teacher.append([record["step"], record[f"teacher_dev_{metric}"]])
+        if f"{split}_{metric}" in record:
+            student.append([record["step"], record[f"{split}_{metric}"]])
+        if f"teacher_{split}_{metric}" in record:
+            teacher.append([record["step"], record[f"teacher_{split}_{metric}"]])
     return student, teacher
 
 

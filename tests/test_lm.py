@@ -493,3 +493,26 @@ def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix: tree}
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def test_lm_experiment_runs_each_method_per_seed_and_summarises(tmp_path, capsys):
+    from metadistil_scale.cli import main
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    corpus = tiny_corpus(tmp_path / "corpus.txt", words)
+    settings = [f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16", "data.quiz_fraction=0.1",
+                "data.heldout_fraction=0.1", "student_train.batch_size=2", "student_train.max_steps=2",
+                "meta.quiz_batch_size=2", "model.chunk_rows=5", "model.student_layers=[1]", "eval_batch_size=4",
+                "eval_every=1", "methods=[kd, metadistil]", "seeds=[0, 1]"]
+    out = tmp_path / "exp"
+    assert main(["lm-experiment", "--output-dir", str(out), *[x for o in settings for x in ("--set", o)]]) == 0
+    assert "metadistil" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "perplexity" and summary["paired"]["n"] == 2
+    assert {m: s["n"] for m, s in summary["methods"].items()} == {"teacher": 2, "kd": 2, "metadistil": 2}
+    runs = {(r["method"], r["seed"]): r for r in json.loads((out / "runs.json").read_text())}
+    assert runs["kd", 0]["metric"] != runs["kd", 1]["metric"]  # a seed orders the batches differently
+    assert [step for step, _ in runs["metadistil", 1]["curve"]] == [1, 2]
+    assert runs["metadistil", 0]["teacher_curve"] and (out / "dev_curves.png").is_file()
+    assert (out / "seed_1" / "metadistil" / "student" / "config.json").is_file()

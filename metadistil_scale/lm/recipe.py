@@ -94,6 +94,7 @@ class LMConfig:
     output_dir: str = "runs/lm_smollm2_kjv"
     methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "metadistil"])
     seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # lm-experiment: every method once per seed
     device: str = "auto"
     cpu_allocator: str = "retain"  # as in the classification config
     dtype: str = "float32"
@@ -123,6 +124,8 @@ def validate_lm(c: LMConfig) -> None:
     require(len(c.methods) > 0, "methods", "at least one method", c.methods)
     for i, m in enumerate(c.methods):
         require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
+    require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
+            c.seeds)
     require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
     require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
     require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
@@ -311,17 +314,25 @@ def _save_lm(lm: nn.Module, tokenizer: Any, folder: Path) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Every method's student in `output_dir/<method>/` (checkpoints, metrics.jsonl, the final `student/`),
-    the table in results.json and results.md. `resume` continues each method from its last checkpoint;
-    `stop_after` checkpoints and raises StopRequested once a method's stage reaches that step."""
-    started = time.perf_counter()
-    # Under torchrun or the deepspeed launcher every rank runs this same job on its slice of each batch.
+@dataclass
+class LMJob:
+    """What the stages of an LM run share: the device, the base models and the splits."""
+
+    device: torch.device
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: Any
+    splits: dict[str, LMRows]
+    sizes: dict[str, dict[str, int]]
+
+
+def prepare_lm(cfg: LMConfig) -> LMJob:
+    """Join the ranks (under torchrun or the deepspeed launcher every rank runs the same job on its slice of each
+    batch), check what the ranks need, write config.yaml, then load the models and split the corpus."""
     dist.init_distributed(use_deepspeed=bool(cfg.deepspeed_teacher or cfg.deepspeed_student))
     check_lm_distributed(cfg, dist.world_size())
-    main = dist.is_main()
     out = Path(cfg.output_dir)
-    if main:
+    if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), out / "config.yaml")
     device = resolve_device(cfg)
@@ -335,24 +346,33 @@ def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None
     if d.max_heldout_rows is not None and len(splits["heldout"]) > d.max_heldout_rows:
         splits["heldout"] = _first_rows(splits["heldout"], d.max_heldout_rows)
     sizes = {k: {"rows": len(v), "tokens": v.num_tokens} for k, v in splits.items()}
-    if main:
+    if dist.is_main():
         print(f"data: {json.dumps(sizes)}", flush=True)
+    return LMJob(device, teacher, student, tokenizer, splits, sizes)
 
+
+def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Every method's student in `output_dir/<method>/` (checkpoints, metrics.jsonl, the final `student/`),
+    the table in results.json and results.md. `resume` continues each method from its last checkpoint;
+    `stop_after` checkpoints and raises StopRequested once a method's stage reaches that step."""
+    started = time.perf_counter()
+    job = prepare_lm(cfg)
+    out, device, heldout = Path(cfg.output_dir), job.device, job.splits["heldout"]
     rows = [{"model": "teacher", "method": "-", "steps": 0,
-             "heldout": evaluate_lm(wrap(teacher, cfg), splits["heldout"], cfg.eval_batch_size, device)},
+             "heldout": evaluate_lm(wrap(job.teacher, cfg), heldout, cfg.eval_batch_size, device)},
             {"model": "student", "method": "initial", "steps": 0,
-             "heldout": evaluate_lm(wrap(student, cfg), splits["heldout"], cfg.eval_batch_size, device)}]
+             "heldout": evaluate_lm(wrap(job.student, cfg), heldout, cfg.eval_batch_size, device)}]
     for method in cfg.methods:
-        rows.append({"model": "student", **train_method(method, cfg, teacher, student, splits, device, out / method,
-                                                         resume=resume, stop_after=stop_after,
-                                                         tokenizer=tokenizer)})
+        rows.append({"model": "student", **train_method(method, cfg, job.teacher, job.student, job.splits, device,
+                                                         out / method, resume=resume, stop_after=stop_after,
+                                                         tokenizer=job.tokenizer)})
     results = {
-        "teacher": cfg.model.teacher, "data": d.source, "seed": cfg.seed, "splits": sizes,
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "teacher": cfg.model.teacher, "data": cfg.data.source, "seed": cfg.seed, "splits": job.sizes,
+        "student_parameters": sum(p.numel() for p in job.student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in job.teacher.parameters()),
         "rows": rows, "wall_time_s": time.perf_counter() - started,
     }
-    if main:
+    if dist.is_main():
         atomic_write_text(json.dumps(results, indent=2), out / "results.json")
         atomic_write_text(results_markdown(results), out / "results.md")
     dist.barrier()
@@ -405,13 +425,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def lm_train(config: str | None, overrides: list[str], *, resume: bool = False, stop_after: int | None = None) -> int:
     """The `metadistil-scale lm-train` entry: run, print the table, say where the results are."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     cfg = load_lm_config(config, overrides)
     results = run_lm(cfg, resume=resume, stop_after=stop_after)
     if dist.is_main():  # every rank of a data-parallel run ends here with the same results
         print(results_markdown(results))
         print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return 0
+
+
+def quiet_transformers() -> None:
+    """No transformers warnings or progress bars in a run's output (the loop shows progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
