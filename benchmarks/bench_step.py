@@ -5,6 +5,8 @@
     python benchmarks/bench_step.py --pair tiny           # a 4-layer x 128 teacher -> 2 layers
     python benchmarks/bench_step.py --batch 8 --length 32 --steps 2   # a quick look
     python benchmarks/bench_step.py --configs kd "kd cached"          # KD with and without the teacher cache
+    python benchmarks/bench_step.py --configs kd "kd official" "metadistil jvp lean" "metadistil jvp lean official"
+                                                          # the official GLUE objective (mse + PKD) vs logits-only
 
 Peak memory is the process's peak resident set size (VmHWM) minus its resident size once the models,
 optimizers and batches exist, i.e. what the step itself adds (activations, graphs, gradients, optimizer
@@ -42,7 +44,13 @@ CONFIGS = {
     # Activation checkpointing on both models (model.*_activation_checkpointing).
     "kd ckpt": {},
     "metadistil jvp lean ckpt": {"u_mode": "jvp", "schedule": "lean"},
+    # The official MetaDistil GLUE objective (0.5 CE + 0.5 mse of softmaxes + 100 PKD, configs/glue_*.yaml): the
+    # generic cotangent (its time is the phase `cotangent`) against the fused kl path of the rows above.
+    "kd official": {},
+    "metadistil jvp lean official": {"u_mode": "jvp", "schedule": "lean"},
 }
+OFFICIAL_TERMS = [{"kind": "mse", "weight": 0.5, "normalization": "official"},
+                  {"kind": "pkd", "weight": 100.0, "layers": "skip"}]
 CHECKPOINTED = " ckpt"
 # BERT pairs with random weights: hidden size, teacher layers, heads, intermediate size; the student has half
 # the layers. "large" has MiniLM's width; "tiny" runs a MetaDistil step in a fraction of a second.
@@ -91,7 +99,7 @@ def torch_seed() -> None:
 
 
 def is_meta(name: str) -> bool:
-    return name.removesuffix(CHECKPOINTED) not in ("finetune", "kd", "kd cached")
+    return name.removesuffix(CHECKPOINTED) not in ("finetune", "kd", "kd cached", "kd official")
 
 
 def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> Callable[..., dict]:
@@ -101,8 +109,9 @@ def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> 
     from transformers.utils import logging as hf_logging
 
     from metadistil_scale.backends.torch_backend import TorchModel
-    from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
+    from metadistil_scale.config import DistillConfig, DistillTermConfig, MetaConfig, OptimConfig
     from metadistil_scale.meta import MetaDistil
+    from metadistil_scale.objectives import Objective, prepare_models
     from metadistil_scale.steps import finetune_step, kd_step
 
     hf_logging.set_verbosity_error()
@@ -125,12 +134,15 @@ def make_step(name: str, pair: str, batch: int, length: int, n_batches: int) -> 
     quizzes = [[make_batch()] for _ in range(n_batches)]
     optim = OptimConfig(lr=1e-5, warmup_ratio=0.0)
     distill = DistillConfig()
+    if name.endswith("official"):
+        distill = DistillConfig(terms=[DistillTermConfig(**t) for t in OFFICIAL_TERMS])
+        prepare_models(Objective.from_config(distill), teacher, student)
     if name == "finetune":
         model = TorchModel(teacher.train(), optim, 100)
 
         def step(i: int, diagnostics: bool = False) -> dict:
             return finetune_step(model, batches[i % n_batches], "teacher", regression=False)
-    elif name in ("kd", "kd cached"):
+    elif name in ("kd", "kd cached", "kd official"):
         t, s = TorchModel(teacher.eval(), None), TorchModel(student.train(), optim, 100)
         cache = filled_cache(t, batches) if name == "kd cached" else None
 

@@ -30,8 +30,10 @@ from metadistil_scale.lm.chunked import (
     head_central_difference,
     head_contract,
     head_cotangent,
+    head_cotangent_by,
     head_kd_loss_sum,
     head_tangent,
+    head_terms_loss_sum,
 )
 from metadistil_scale.objectives import (
     Cotangent,
@@ -70,10 +72,19 @@ def student_loss_sum(
     if objective.fast:
         return _legacy_loss_sum(student_logits, teacher_logits, labels, objective, through_teacher)
     if isinstance(student_logits, HeadLogits):
-        raise ValueError("distill.terms: the causal-LM chunked path runs only the alpha/temperature/soft_loss "
-                         "objective")
+        _refuse_hidden_terms_on_lm(objective)
+        if not through_teacher:
+            return head_terms_loss_sum(student_logits, teacher_logits, labels,
+                                       lambda z, z_t: objective.soft_sum(z, z_t, None), objective.hard_weight)
+        # The create_graph reference needs a twice-differentiable loss: it materialises [N, V].
+        student_logits, teacher_logits = student_logits.materialize(), teacher_logits.materialize()
+        labels = labels.reshape(-1)
     if not through_teacher:
         teacher_logits = detach_outputs(teacher_logits)
+    labels = labels.reshape(-1)  # a causal LM's [B, L] labels against its [B·L, V] logits
+    keep = _rows_with_loss(labels)
+    if keep is not None:  # a causal LM's padding and document ends (logits only: no hidden-state terms here)
+        student_logits, teacher_logits, labels = student_logits[keep], teacher_logits[keep], labels[keep]
     soft = objective.soft_sum(student_logits, teacher_logits, mask)
     if objective.hard_weight == 0:
         return soft
@@ -115,7 +126,7 @@ def teacher_cotangent(
     """w such that ∇θt L_meta = J_tᵀ w, given u = J_s·v (each form derived in docs/metagrad.md §2–3).
     Rows labelled -100 have no loss, hence w = 0 there."""
     if not objective.fast:
-        return generic_cotangent(objective, student_logits, teacher_logits, tangent, mask, pilot_lr / n_rows)
+        return _generic_cotangent(teacher_logits, tangent, student_logits, objective, pilot_lr / n_rows, labels, mask)
     cfg = objective.legacy
     if objective.hard == "mse":
         # soft = (s − t)²  ⇒  ⟨∇_s, u⟩ = 2(1−α)/N (s − t)·u  ⇒  −λ ∂/∂t = 2λ(1−α)/N · u
@@ -138,6 +149,39 @@ def teacher_cotangent(
     if labels is not None and not labels.is_floating_point():
         w = w * (labels != IGNORE_INDEX).unsqueeze(-1).to(w.dtype)
     return w
+
+
+def _generic_cotangent(teacher: Logits | Outputs, tangent: torch.Tensor | HeadTangent | Outputs,
+                       student: Logits | Outputs, objective: Objective, scale: float, labels: torch.Tensor | None,
+                       mask: torch.Tensor | None) -> HeadCotangent | Cotangent:
+    """The generic w (objectives.generic_cotangent): chunk by chunk for a causal LM's head, w = 0 on rows
+    without a loss."""
+    if isinstance(teacher, HeadLogits):
+        _refuse_hidden_terms_on_lm(objective)
+
+        def chunk_cotangent(z_t: torch.Tensor, u: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+            (w,) = generic_cotangent(objective, z_s, z_t, u, None, scale)
+            return torch.zeros_like(z_t) if w is None else w
+
+        return head_cotangent_by(teacher, tangent, student, labels, chunk_cotangent)
+    w = generic_cotangent(objective, student, teacher, tangent, mask, scale)
+    keep = _rows_with_loss(labels)
+    if keep is not None:
+        w = [None if x is None else x * keep.unsqueeze(-1).to(x.dtype) for x in w]
+    return w
+
+
+def _rows_with_loss(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows a causal LM's labels keep (not IGNORE_INDEX); None when every row has a loss."""
+    if labels is None or labels.is_floating_point():
+        return None
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    return None if bool(keep.all()) else keep
+
+
+def _refuse_hidden_terms_on_lm(objective: Objective) -> None:
+    if objective.reads_hidden:
+        raise ValueError("distill.terms: hidden-state terms are for classifiers; a causal LM distils its logits")
 
 
 def tangent_from_jvp(primal: Logits | Outputs, tangent: Logits | Outputs) -> torch.Tensor | HeadTangent | Outputs:

@@ -233,10 +233,11 @@ class MetaDistil:
             cotangents = []
             for part, z_t, z_s, randomness in zip(parts, teacher_logits, student_logits, drawn):
                 u = self._tangent(theta, v, outputs_of(part["student"]), randomness)
-                cotangents.append(
-                    teacher_cotangent(z_t, u, z_s, self.objective, self.meta.pilot_lr, n, part["labels"],
-                                      attention_mask(part["student"]))
-                )
+                with timer("cotangent"):  # w alone, a part of the tangent phase's time
+                    cotangents.append(
+                        teacher_cotangent(z_t, u, z_s, self.objective, self.meta.pilot_lr, n, part["labels"],
+                                          attention_mask(part["student"]))
+                    )
             del v
 
         with timer("teacher_backward"):

@@ -317,7 +317,7 @@ def test_training_with_the_official_objective_and_the_whole_quiz_set(tmp_path):
     teacher = save_tiny_bert(tmp_path / "teacher", 4, 2, seed=0)
     student = save_tiny_bert(tmp_path / "student", 4, 2, seed=1)
     cfg = tiny_config(tmp_path / "run", teacher, student, "model.student_layers=2", "student_train.max_steps=3",
-                      "methods=[metadistil]", "eval_every=3",
+                      "methods=[metadistil]", "eval_every=3", "data.quiz_fraction=0.002",  # ~24 quiz rows
                       "distill.terms=[{kind: mse, weight: 0.5, normalization: official}, {kind: pkd, weight: 100}]",
                       "meta.quiz_whole_set=true", "meta.quiz_train_mode=false", "meta.quiz_batch_size=4")
     results = train(cfg)
@@ -325,3 +325,61 @@ def test_training_with_the_official_objective_and_the_whole_quiz_set(tmp_path):
     assert any(r.get("teacher_updated") for r in records)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert results["rows"][-1]["method"] == "metadistil"
+
+
+# ---------------------------------------------------------------- causal LMs: reverse KL and JSD, chunked
+
+
+def lm_reference_soft_sum(kind: str, z_s, z_t, labels, beta=0.3):
+    """Σ over labelled tokens of T²·KL(q ‖ p) or T²·JSD_β, from the definitions."""
+    valid = labels != -100
+    log_q, log_p = _log_probs(z_s[valid], z_t[valid])
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "reverse_kl":
+        return T**2 * F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+    m = beta * p + (1 - beta) * q
+    return T**2 * (beta * (p * (p.log() - m.log())) + (1 - beta) * (q * (q.log() - m.log()))).sum()
+
+
+def lm_reference_teacher_grad(teacher, student, train, quiz, kind):
+    from test_lm import full_logits
+
+    params = dict(student.named_parameters())
+    z_t, z_s = full_logits(teacher, train["teacher"]), full_logits(student, train["student"], params)
+    labels = train["labels"].reshape(-1)
+    n = int((labels != -100).sum())
+    loss = (ALPHA * F.cross_entropy(z_s, labels, reduction="sum") + 0.6 * lm_reference_soft_sum(kind, z_s, z_t, labels)
+            ) / n
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    pilot = {k: p - PILOT_LR * g for (k, p), g in zip(params.items(), grads)}
+    z_q = full_logits(student, quiz["student"], pilot)
+    meta_loss = F.cross_entropy(z_q, quiz["labels"].reshape(-1))
+    grads = torch.autograd.grad(meta_loss, list(teacher.parameters()), allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, teacher.parameters())]
+
+
+@pytest.mark.parametrize("kind,u_mode,tol,chunk_rows,materialize", [
+    ("reverse_kl", "jvp", 1e-8, 5, False), ("reverse_kl", "finite-difference", 1e-5, 5, False),
+    ("jsd", "jvp", 1e-8, 5, False), ("jsd", "unrolled", 1e-10, 5, False), ("jsd", "jvp", 1e-8, None, True)])
+def test_lm_chunked_reverse_kl_and_jsd_meta_gradient_equal_unrolled(kind, u_mode, tol, chunk_rows, materialize,
+                                                                    monkeypatch):
+    import test_lm
+    from transformers.models.llama import modeling_llama
+
+    from metadistil_scale.lm.models import CausalLMHead
+
+    # Llama's norm and softmax in float64, as in test_lm
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", test_lm._rms_norm)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", test_lm._eager_attention)
+    teacher, student = test_lm.pair()
+    train, quiz = test_lm.batch("padded", 6, seed=1), test_lm.batch("padded", 4, seed=2)
+    want = lm_reference_teacher_grad(teacher, student, train, quiz, kind)
+    sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=None)
+    wrap = {"chunk_rows": chunk_rows, "materialize": materialize}
+    distill = DistillConfig(alpha=ALPHA, temperature=T, terms=[DistillTermConfig(kind=kind, weight=0.6, beta=0.3)])
+    meta = MetaConfig(pilot_lr=PILOT_LR, u_mode=u_mode, fd_epsilon=1e-5, teacher_ce_weight=0.0)
+    step = MetaDistil(TorchModel(CausalLMHead(teacher, **wrap), sgd, 100),
+                      TorchModel(CausalLMHead(student, **wrap), sgd, 100), distill, meta)
+    step.accumulate_teacher_grad([train], [quiz])
+    got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in teacher.parameters()]
+    assert rel_error(got, want) <= tol

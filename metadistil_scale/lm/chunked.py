@@ -180,6 +180,23 @@ def head_kd_loss_sum(student: HeadLogits, teacher: HeadLogits, labels: torch.Ten
     return _apply_chunked(student, teacher, labels, chunk_loss)
 
 
+def head_terms_loss_sum(student: HeadLogits, teacher: HeadLogits, labels: torch.Tensor,
+                        soft_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hard_weight: float
+                        ) -> torch.Tensor:
+    """Σ over tokens of hard_weight·CE(z_s, y) + soft_sum(z_s, z_t) for any soft terms (reverse KL, JSD, ...)
+    given as a function of a chunk's logits, differentiated by autograd chunk by chunk."""
+    if student.weight.shape[0] != teacher.weight.shape[0]:
+        raise ValueError(f"student vocabulary {student.weight.shape[0]} != teacher {teacher.weight.shape[0]}")
+
+    def chunk_loss(z: torch.Tensor, z_t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        ct = _compute_dtype(z.dtype)
+        z, z_t = z.to(ct), z_t.to(ct)
+        loss = soft_sum(z, z_t)
+        return loss + hard_weight * F.cross_entropy(z, y, reduction="sum") if hard_weight > 0 else loss
+
+    return _apply_chunked(student, teacher, labels, chunk_loss)
+
+
 def head_ce_sum(logits: HeadLogits, labels: torch.Tensor) -> torch.Tensor:
     """Σ over tokens of CE(z, y): the quiz meta-loss and training without distillation."""
 
@@ -214,7 +231,9 @@ def head_central_difference(plus: HeadLogits, minus: HeadLogits, eps: float) -> 
     return HeadTangent(((0.5 / eps, plus.hidden, plus.weight), (-0.5 / eps, minus.hidden, minus.weight)))
 
 
-@torch.no_grad()
+ChunkCotangent = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 def head_cotangent(
     teacher: HeadLogits,
     tangent: HeadTangent,
@@ -226,20 +245,26 @@ def head_cotangent(
     soft_loss: str,
 ) -> HeadCotangent:
     """w = scale·p ⊙ (u − ⟨p, u⟩) (or the mse form) chunk by chunk, pushed back through the teacher's head."""
+
+    def chunk_cotangent(z_t: torch.Tensor, u: torch.Tensor, z_s: torch.Tensor | None) -> torch.Tensor:
+        return meta_cotangent(z_t, u, temperature=temperature, scale=scale, soft_loss=soft_loss, student_logits=z_s)
+
+    return head_cotangent_by(teacher, tangent, student if soft_loss == "mse" else None, labels, chunk_cotangent)
+
+
+@torch.no_grad()
+def head_cotangent_by(teacher: HeadLogits, tangent: HeadTangent, student: HeadLogits | None, labels: torch.Tensor,
+                      chunk_cotangent: ChunkCotangent) -> HeadCotangent:
+    """w = chunk_cotangent(z_t, u, z_s) on each chunk of rows (z_s only when `student` is given), pushed back
+    through the teacher's head: no [N, V] array exists whole."""
     hidden, weight = teacher.hidden.detach(), teacher.weight.detach()
     ct = _compute_dtype(hidden.dtype)
     grad_hidden = torch.zeros_like(hidden)
     grad_weight = torch.zeros(weight.shape, dtype=ct, device=weight.device)
     for index in teacher.chunks(labels):
         h = hidden[index]
-        w = meta_cotangent(
-            h @ weight.T,
-            tangent.rows(index),
-            temperature=temperature,
-            scale=scale,
-            soft_loss=soft_loss,
-            student_logits=student.detach().rows(index) if soft_loss == "mse" else None,
-        )
+        z_s = student.detach().rows(index) if student is not None else None
+        w = chunk_cotangent(h @ weight.T, tangent.rows(index), z_s)
         grad_hidden[index] = w @ weight
         grad_weight.addmm_(w.T.to(ct), h.to(ct))
         del w
