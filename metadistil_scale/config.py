@@ -504,6 +504,10 @@ def validate(c: Config) -> None:
     if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
         raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
     validate_distill(c.distill)
+    if image and c.distill.terms:
+        from metadistil_scale.objectives import require_logit_terms
+
+        require_logit_terms(c.distill, "the CNNs of an image task give no hidden states to distil")
     validate_meta(c.meta)
     validate_stage(c.teacher_finetune, "teacher_finetune")
     validate_stage(c.student_train, "student_train")

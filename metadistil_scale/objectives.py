@@ -354,3 +354,9 @@ def validate_term(term: DistillTermConfig, key: str) -> None:
     else:
         require(len(term.layers) > 0 and all(len(p) == 2 and min(p) >= 0 for p in term.layers), f"{key}.layers",
                 "a non-empty list of [student_layer, teacher_layer] pairs", term.layers)
+
+
+def require_logit_terms(distill: DistillConfig, why: str, key: str = "distill") -> None:
+    """Models that give no hidden states to distil (CNNs; a causal LM here) take logit terms only."""
+    for i, term in enumerate(distill.terms):
+        require(not TERMS[term.kind].reads_hidden, f"{key}.terms[{i}].kind", f"a logit term ({why})", term.kind)

@@ -263,6 +263,17 @@ def test_terms_from_yaml_and_errors_name_the_key(tmp_path):
     assert set(TERMS) >= {"kl", "mse", "reverse_kl", "jsd", "pkd", "hidden_mse", "cosine"}
 
 
+def test_hidden_terms_on_an_image_task_or_a_causal_lm_are_refused_before_any_work():
+    from metadistil_scale.lm.recipe import load_lm_config
+
+    pkd = "distill.terms=[{kind: kl, weight: 0.5}, {kind: pkd, weight: 100}]"
+    with pytest.raises(ConfigError, match=r"distill.terms\[1\].kind: expected a logit term \(the CNNs"):
+        load_config("fashion_mnist", [pkd])
+    with pytest.raises(ConfigError, match=r"distill.terms\[1\].kind: expected a logit term \(a causal LM"):
+        load_lm_config(None, [pkd])
+    assert load_lm_config(None, ["distill.terms=[{kind: jsd, weight: 0.5}]"]).distill.terms[0].kind == "jsd"
+
+
 def test_hidden_terms_refuse_a_cnn_with_the_key():
     teacher, student = cnn_pair()
     objective = Objective.from_config(DistillConfig(terms=[DistillTermConfig(kind="pkd")]))

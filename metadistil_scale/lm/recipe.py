@@ -56,6 +56,7 @@ from metadistil_scale.lm.models import (
 from metadistil_scale.loop import BatchStream, Evaluation, StageRun, run_stage_loop, to_device
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import StepContext, get_method
+from metadistil_scale.objectives import require_logit_terms
 from metadistil_scale.trainer import DTYPES, configure_cpu_allocator, resolve_device
 
 # ---------------------------------------------------------------- config
@@ -140,6 +141,7 @@ def validate_lm(c: LMConfig) -> None:
     m = c.model
     require(m.chunk_rows is None or m.chunk_rows >= 1, "model.chunk_rows", ">= 1 or null", m.chunk_rows)
     validate_distill(c.distill)
+    require_logit_terms(c.distill, "a causal LM distils its logits, in row chunks")
     validate_meta(c.meta)
     validate_stage(c.student_train, "student_train")
     validate_deepspeed(c)
