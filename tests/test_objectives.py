@@ -413,3 +413,25 @@ def test_lm_chunked_reverse_kl_and_jsd_meta_gradient_equal_unrolled(kind, u_mode
     step.accumulate_teacher_grad([train], [quiz])
     got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in teacher.parameters()]
     assert rel_error(got, want) <= tol
+
+
+@pytest.mark.slow
+def test_two_ranks_with_the_teacher_at_zero3_equal_one_process_with_pkd(tmp_path):
+    """The official objective, PKD included, data-parallel over 2 ranks with the teacher sharded (ZeRO-3)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_deepspeed import _torchrun
+
+    worker = str(Path(__file__).parent / "_objective_worker.py")
+    for cmd in (_torchrun(worker, str(tmp_path / "two.pt")), [sys.executable, worker, str(tmp_path / "one.pt")]):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    import _ds_worker
+
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    for role, start in zip(("teacher", "student"), _ds_worker.initial_models("metadistil")):
+        got, want = torch.cat([p.reshape(-1) for p in two[role]]), torch.cat([p.reshape(-1) for p in one[role]])
+        moved = want - torch.cat([p.detach().double().reshape(-1) for p in start.parameters()])
+        assert float(moved.norm()) > 0
+        assert float((got - want).norm() / moved.norm()) < 1e-5  # float32 sums in another order
