@@ -516,3 +516,40 @@ def test_lm_experiment_runs_each_method_per_seed_and_summarises(tmp_path, capsys
     assert [step for step, _ in runs["metadistil", 1]["curve"]] == [1, 2]
     assert runs["metadistil", 0]["teacher_curve"] and (out / "dev_curves.png").is_file()
     assert (out / "seed_1" / "metadistil" / "student" / "config.json").is_file()
+
+
+def test_lm_teacher_fine_tuning_stage_resumes_exactly_and_teaches_the_methods(tmp_path, capsys):
+    """model.finetune_teacher: the teacher's own stage runs in the loop before the methods (stop-after and resume
+    included), and KD distils from the fine-tuned teacher."""
+    from metadistil_scale.checkpoint import load_checkpoint
+    from metadistil_scale.cli import main
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    corpus = tiny_corpus(tmp_path / "corpus.txt", words)
+    settings = [f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16", "data.quiz_fraction=0.1",
+                "data.heldout_fraction=0.1", "student_train.batch_size=2", "student_train.max_steps=2",
+                "model.chunk_rows=5", "model.student_layers=[1]", "eval_batch_size=4", "methods=[kd]",
+                "model.finetune_teacher=true", "teacher_finetune.batch_size=2", "teacher_finetune.max_steps=3",
+                "teacher_finetune.optim.lr=1e-2"]
+
+    def lm_train(out: str, *flags: str) -> int:
+        return main(["lm-train", "--output-dir", str(tmp_path / out), *[x for o in settings for x in ("--set", o)],
+                     *flags])
+
+    assert lm_train("full") == 0
+    assert lm_train("stopped", "--stop-after", "2") == 3
+    assert "[teacher] stopped at step 2/3" in capsys.readouterr().out
+    assert lm_train("stopped", "--resume") == 0
+    for stage in ("teacher", "kd"):
+        full, resumed = (load_checkpoint(tmp_path / run / stage / "last.pt") for run in ("full", "stopped"))
+        name = "teacher" if stage == "teacher" else "student"
+        assert all(torch.equal(full[name]["model"][k], resumed[name]["model"][k]) for k in full[name]["model"])
+    rows = json.loads((tmp_path / "full" / "results.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [("teacher", "-"), ("student", "initial"),
+                                                          ("teacher", "finetune"), ("student", "kd")]
+    assert rows[2]["heldout"]["perplexity"] < rows[0]["heldout"]["perplexity"]  # it learnt the corpus
+    assert lm_train("pretrained_teacher", "--set", "model.finetune_teacher=false") == 0
+    kd_students = [load_checkpoint(tmp_path / run / "kd" / "last.pt")["student"]["model"]
+                   for run in ("full", "pretrained_teacher")]
+    assert any(not torch.equal(kd_students[0][k], kd_students[1][k]) for k in kd_students[0])  # another teacher

@@ -10,8 +10,8 @@ Layout under `output_dir`:
     dev_curves.png           the student's held-out perplexity against steps (teacher_dev_curves.png: the
                              teacher's, in the runs that train it)
 
-The teacher is the pretrained model itself (no fine-tuning stage), the same for every seed; a seed changes the
-batch order, the quiz order and the RNG. `resume` continues each run from its last checkpoint (a finished run
+The teacher is the same for every seed: the pretrained model, or with `model.finetune_teacher` the one
+fine-tuned in `teacher/` (seed `seed`); a seed changes the batch order, the quiz order and the RNG. `resume` continues each run from its last checkpoint (a finished run
 is then not trained again).
 """
 
@@ -23,7 +23,14 @@ from typing import Any
 
 from metadistil_scale.backends import dist
 from metadistil_scale.experiment import TEACHER, read_curves, write_report
-from metadistil_scale.lm.recipe import LMConfig, evaluate_lm, prepare_lm, train_method, wrap
+from metadistil_scale.lm.recipe import (
+    LMConfig,
+    evaluate_lm,
+    fine_tune_lm_teacher,
+    prepare_lm,
+    train_method,
+    wrap,
+)
 from metadistil_scale.methods import get_method
 
 METRIC = "perplexity"
@@ -33,6 +40,8 @@ def run_lm_experiment(cfg: LMConfig, *, resume: bool = False) -> dict[str, Any] 
     """Run methods × seeds, then write the records, the summary tables and the plots. Returns the summary."""
     job = prepare_lm(cfg)
     out = Path(cfg.output_dir)
+    if cfg.model.finetune_teacher:  # one fine-tuned teacher for every seed
+        fine_tune_lm_teacher(cfg, job, out / "teacher", resume=resume)
     teacher_metric = evaluate_lm(wrap(job.teacher, cfg), job.splits["heldout"], cfg.eval_batch_size,
                                  job.device)[METRIC]
     records = []

@@ -88,6 +88,8 @@ class LMModelConfig:
     chunk_rows: int | None = None  # rows per logits chunk; None: about 4M logits per chunk
     materialize: bool = False  # the [N, V] baseline, for comparison
     cache_dir: str | None = None  # where a GGUF model is kept de-quantised
+    # Fine-tune the teacher on the train split's next tokens (`teacher_finetune`) before any method.
+    finetune_teacher: bool = False
 
 
 @dataclass
@@ -113,6 +115,8 @@ class LMConfig:
         teacher_optim=OptimConfig(lr=1e-5, weight_decay=0.0, warmup_ratio=0.0)))
     student_train: StageConfig = field(default_factory=lambda: StageConfig(
         batch_size=4, max_steps=10, optim=OptimConfig(lr=2e-4, warmup_ratio=0.0)))
+    teacher_finetune: StageConfig = field(default_factory=lambda: StageConfig(
+        batch_size=4, max_steps=10, optim=OptimConfig(lr=2e-5, warmup_ratio=0.0)))
 
 
 def load_lm_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LMConfig:
@@ -144,6 +148,7 @@ def validate_lm(c: LMConfig) -> None:
     require_logit_terms(c.distill, "a causal LM distils its logits, in row chunks")
     validate_meta(c.meta)
     validate_stage(c.student_train, "student_train")
+    validate_stage(c.teacher_finetune, "teacher_finetune")
     validate_deepspeed(c)
 
 
@@ -230,7 +235,7 @@ def train_method(
     seed_everything(cfg.seed)
     algorithm = get_method(method)
     stage = cfg.student_train
-    steps = stage.max_steps or max(1, math.ceil(stage.epochs * (len(splits["train"]) // stage.batch_size)))
+    steps = stage_steps(stage, len(splits["train"]))
     ctx = _lm_step_context(method, cfg, base_teacher, base_student, splits, steps, device)
     heldout = splits["heldout"]
     evaluation = Evaluation(run=lambda: _heldout_record(ctx, heldout, cfg, device),
@@ -290,18 +295,53 @@ def lm_stage_fingerprint(cfg: LMConfig, method: str) -> dict[str, Any]:
     full = dataclasses.asdict(cfg)
     keys = ("seed", "dtype", "eval_every", "data", "model", "distill", "student_train")
     return {"method": method, **{k: full[k] for k in keys},
-            "meta": full["meta"] if get_method(method).trains_teacher else None}
+            "meta": full["meta"] if get_method(method).trains_teacher else None,
+            "teacher_finetune": full["teacher_finetune"] if cfg.model.finetune_teacher else None}
 
 
 def _heldout_record(ctx: StepContext, heldout: LMRows, cfg: LMConfig, device: torch.device) -> dict[str, float]:
-    """heldout_* metrics of the student and teacher_heldout_* of a teacher that trains. Every rank evaluates the
-    whole split (ZeRO-3 forwards are collective); rank 0's figures decide for all."""
+    """heldout_* metrics of the trained model and teacher_heldout_* of a teacher that trains. Every rank
+    evaluates the whole split (ZeRO-3 forwards are collective); rank 0's figures decide for all."""
     record = {f"heldout_{k}": v for k, v in evaluate_lm(ctx.student.module, heldout, cfg.eval_batch_size,
                                                          device).items()}
     if ctx.metadistil is not None:
         teacher = evaluate_lm(ctx.teacher.module, heldout, cfg.eval_batch_size, device)
         record.update({f"teacher_heldout_{k}": v for k, v in teacher.items()})
     return dist.broadcast_object(record)
+
+
+def stage_steps(stage: StageConfig, n_train: int) -> int:
+    return stage.max_steps or max(1, math.ceil(stage.epochs * (n_train // stage.batch_size)))
+
+
+def fine_tune_lm_teacher(cfg: LMConfig, job: LMJob, out_dir: Path, *, resume: bool = False,
+                         stop_after: int | None = None) -> dict[str, Any]:
+    """The optional teacher stage (model.finetune_teacher): `finetune` of the teacher on the train split's next
+    tokens, in the stage loop like any method (`out_dir`: last.pt, metrics.jsonl). job.teacher then holds the
+    fine-tuned weights, which every method starts from; returns the stage's row of the table."""
+    seed_everything(cfg.seed)
+    stage = cfg.teacher_finetune
+    steps = stage_steps(stage, len(job.splits["train"]))
+    teacher = make_model(wrap(copy.deepcopy(job.teacher), cfg), stage.optim, steps, ds_config=cfg.deepspeed_teacher,
+                         ds_key="deepspeed_teacher", optim_key="teacher_finetune.optim", batch_size=stage.batch_size,
+                         micro_batch_size=stage.micro_batch_size, stage_key="teacher_finetune")
+    ctx = StepContext(teacher, None, cfg.distill, cfg.meta, job.device, role="teacher")
+    evaluation = Evaluation(run=lambda: _heldout_record(ctx, job.splits["heldout"], cfg, job.device),
+                            key="heldout_perplexity", higher_is_better=False)
+    full = dataclasses.asdict(cfg)
+    fingerprint = {"method": "finetune", "stage": "teacher", **{k: full[k] for k in ("seed", "dtype", "eval_every",
+                                                                                    "data", "teacher_finetune")},
+                   "model": {k: full["model"][k] for k in ("teacher", "teacher_attn_implementation", "chunk_rows")}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = StageRun("teacher", get_method("finetune"), ctx, _stream(job.splits["train"], stage.batch_size, cfg.seed,
+                                                                   stage.micro_batch_size),
+                   steps, cfg.log_every, cfg.eval_every, evaluation,
+                   StageCheckpoint(out_dir, fingerprint, {"teacher": teacher}), out_dir / "metrics.jsonl")
+    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after)
+    with teacher.gathered():  # whole weights on every rank, also under ZeRO-3
+        job.teacher.load_state_dict({k: v.detach().clone() for k, v in teacher.module.lm.state_dict().items()})
+    return {"model": "teacher", "method": "finetune", "steps": steps, "train_time_s": state["wall_time_s"],
+            "step_time_s": state["wall_time_s"] / steps, "heldout": _unprefixed(state["last_eval"], "heldout_")}
 
 
 def _unprefixed(record: dict[str, float], prefix: str) -> dict[str, float]:
@@ -364,6 +404,8 @@ def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None
              "heldout": evaluate_lm(wrap(job.teacher, cfg), heldout, cfg.eval_batch_size, device)},
             {"model": "student", "method": "initial", "steps": 0,
              "heldout": evaluate_lm(wrap(job.student, cfg), heldout, cfg.eval_batch_size, device)}]
+    if cfg.model.finetune_teacher:
+        rows.append(fine_tune_lm_teacher(cfg, job, out / "teacher", resume=resume, stop_after=stop_after))
     for method in cfg.methods:
         rows.append({"model": "student", **train_method(method, cfg, job.teacher, job.student, job.splits, device,
                                                          out / method, resume=resume, stop_after=stop_after,
@@ -383,12 +425,14 @@ def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None
 
 def check_lm_distributed(cfg: LMConfig, world: int) -> None:
     """Refuse, before any work, batches that do not split over `world` data-parallel ranks."""
-    local = cfg.student_train.batch_size // world
-    require(cfg.student_train.batch_size % world == 0, "student_train.batch_size", f"divisible by the {world} ranks",
-            cfg.student_train.batch_size)
-    micro = cfg.student_train.micro_batch_size
-    require(micro is None or local % micro == 0, "student_train.micro_batch_size",
-            f"a divisor of the per-rank batch {local}", micro)
+    stages = ("student_train", "teacher_finetune") if cfg.model.finetune_teacher else ("student_train",)
+    for key in stages:
+        stage: StageConfig = getattr(cfg, key)
+        local = stage.batch_size // world
+        require(stage.batch_size % world == 0, f"{key}.batch_size", f"divisible by the {world} ranks",
+                stage.batch_size)
+        require(stage.micro_batch_size is None or local % stage.micro_batch_size == 0, f"{key}.micro_batch_size",
+                f"a divisor of the per-rank batch {local}", stage.micro_batch_size)
     if any(get_method(m).needs_quiz for m in cfg.methods):
         require(cfg.meta.quiz_batch_size % world == 0, "meta.quiz_batch_size", f"divisible by the {world} ranks",
                 cfg.meta.quiz_batch_size)
