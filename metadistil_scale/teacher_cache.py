@@ -98,7 +98,7 @@ class TeacherCache:
                     computed = teacher({name: tensor[missing] for name, tensor in inputs.items()})
             for i, row in zip(missing, computed.detach().cpu()):
                 self.rows[keys[i]] = self.new[keys[i]] = row.clone()
-        if len(missing) == len(keys):
+        if missing and len(missing) == len(keys):  # a batch of new rows: the forward's own output
             result = computed
         else:
             result = torch.stack([self.rows[key] for key in keys]).to(next(iter(inputs.values())).device)

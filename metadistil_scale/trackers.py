@@ -222,9 +222,9 @@ def open_trackers(cfg: Config, folder: Path, *, enabled: bool = True, start_step
     try:
         for tracker in cfg.trackers:
             opened.append(TRACKER_CLASSES[tracker](run, resume_ids.get(tracker)))
-        ids = {name: tracker.run_id for name, tracker in zip(cfg.trackers, opened) if tracker.run_id}
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(ids) + "\n", ids_path)
+        ids = {kind: tracker.run_id for kind, tracker in zip(cfg.trackers, opened) if tracker.run_id}
+        if folder.is_dir():  # a stage's folder (an experiment's summary run has none, and is never resumed)
+            atomic_write_text(json.dumps(ids) + "\n", ids_path)
         yield Trackers(opened)
     except BaseException:
         for tracker in opened:
