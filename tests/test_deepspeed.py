@@ -350,7 +350,10 @@ def test_rank_slices_make_up_the_global_batch():
 def test_deepspeed_launcher_rank_argument_is_stripped(monkeypatch):
     from metadistil_scale.launch.deepspeed_train import strip_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # strip_local_rank exports LOCAL_RANK, as under the launcher. setenv records its absence, so the export is
+    # undone after the test (delenv of an absent variable records nothing); transformers' Trainer reads it.
+    monkeypatch.setenv("LOCAL_RANK", "")
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_local_rank(["--local_rank=1", "train", "--resume"]) == ["train", "--resume"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["train", "--local-rank", "1"]) == ["train"]

@@ -159,8 +159,13 @@ def test_install_result_says_what_is_wrong():
 # ---------------------------------------------------------------- the train part's runs and comparison
 
 
-def test_train_commands_parse_as_the_cli_and_the_launcher_will(tmp_path):
+def test_train_commands_parse_as_the_cli_and_the_launcher_will(tmp_path, monkeypatch):
     from metadistil_scale.launch.deepspeed_train import strip_local_rank
+
+    # strip_local_rank exports LOCAL_RANK, as under the launcher. setenv records its absence, so the export is
+    # undone after the test (delenv of an absent variable records nothing); transformers' Trainer reads it.
+    monkeypatch.setenv("LOCAL_RANK", "")
+    monkeypatch.delenv("LOCAL_RANK")
 
     from metadistil_scale.cli import build_parser, config_from_args
 
