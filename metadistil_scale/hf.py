@@ -72,6 +72,7 @@ class MetaDistilTrainer(Trainer):
         self.teacher = teacher_model.to(self.args.device).eval()
         self._micro_batches: list[dict] = []
         self._ctx: StepContext | None = None
+        self._pending_teacher_state: dict | None = None  # from a checkpoint, until the teacher's optimizer exists
 
     # ------------------------------------------------------------------ the step
 
@@ -89,8 +90,6 @@ class MetaDistilTrainer(Trainer):
                 teacher.load_state_dict(self._pending_teacher_state)
                 self._pending_teacher_state = None
         return self._ctx
-
-    _pending_teacher_state: dict | None = None
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
