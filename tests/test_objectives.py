@@ -337,6 +337,45 @@ def test_quiz_forward_without_dropout_when_asked():
     assert results[0][0] == pytest.approx(want.item(), rel=1e-12) and results[1][0] == results[0][0]
 
 
+def test_the_whole_quiz_set_in_micro_batches_equals_one_quiz_batch_holding_it(monkeypatch):
+    """meta.quiz_whole_set: the trainer's quiz stream gives every quiz row once per teacher update, in
+    micro-batches of meta.quiz_batch_size (4, 4, 4, 1), and the teacher's gradient equals that of one quiz batch
+    holding the whole set. Negative controls: one quiz batch (the default mode) and a quiz loss divided by
+    micro-batches × their size give other gradients."""
+    import _ds_worker
+
+    import metadistil_scale.meta as meta
+    from metadistil_scale.data.text import TaskInfo
+    from metadistil_scale.methods import get_method
+    from metadistil_scale.trainer import Task, _step_context
+
+    quiz = _ds_worker.Rows(13, seed=2)
+    task = Task({"quiz": quiz}, TaskInfo("quiz", NUM_LABELS, False, "accuracy", None, False), quiz.collate)
+    cfg = load_config(None, ["meta.quiz_whole_set=true", "meta.quiz_batch_size=4", "meta.pilot_lr=0.5",
+                             "meta.teacher_ce_weight=0", "distill.temperature=2.0"])
+    train = split(text_batch(6, seed=1), 2)
+
+    def teacher_grad(quiz_parts=None):
+        teacher, student = bert_pair()
+        ctx = _step_context(get_method("metadistil"), cfg, task, "student_train", "student", 10, student, teacher,
+                            torch.device("cpu"))
+        quiz_parts = ctx.quiz_stream(0) if quiz_parts is None else quiz_parts
+        ctx.metadistil.accumulate_teacher_grad(train, quiz_parts)
+        return [p.grad.clone() for p in teacher.parameters()], quiz_parts
+
+    got, parts = teacher_grad()
+    assert [len(p["labels"]) for p in parts] == [4, 4, 4, 1]
+    rows = sorted(tuple(r) for p in parts for r in p["student"]["input_ids"].tolist())
+    assert rows == sorted(tuple(r) for r in quiz.ids.tolist())
+    whole, _ = teacher_grad([quiz.collate(list(range(13)))])
+    assert rel_error(got, whole) <= 1e-11
+    one_batch, _ = teacher_grad(parts[:1])
+    assert rel_error(one_batch, whole) > 1e-3
+    monkeypatch.setattr(meta, "count_rows", lambda parts, model: len(parts) * len(parts[0]["labels"]))
+    per_micro_batch, _ = teacher_grad()
+    assert rel_error(per_micro_batch, whole) > 1e-3
+
+
 @pytest.mark.slow
 def test_training_with_the_official_objective_and_the_whole_quiz_set(tmp_path):
     """The recipe end to end with PKD + official mse, the whole quiz set per teacher update, no quiz dropout."""
