@@ -111,8 +111,8 @@ class DistillTermConfig:
     kind: str = "kl"
     weight: float = 1.0
     temperature: float | None = None  # logit terms; None: distill.temperature
-    # Hidden-state terms: "skip", "last", "uniform" or explicit [student_layer, teacher_layer] pairs, counted as
-    # transformers' hidden_states (0 = the embeddings).
+    # Hidden-state and attention terms: "skip", "last", "uniform", "top" or explicit [student_layer, teacher_layer]
+    # pairs, counted as transformers' hidden_states (0 = the embeddings; attention maps start at layer 1).
     layers: str | list[list[int]] = "skip"
     beta: float = 0.5  # jsd: the mixture weight of the teacher
     # mse: "sum" over classes (as the `mse` soft loss), or "official": T² x the mean over classes (the official

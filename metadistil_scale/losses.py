@@ -180,8 +180,9 @@ def _rows_with_loss(labels: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _refuse_hidden_terms_on_lm(objective: Objective) -> None:
-    if objective.reads_hidden:
-        raise ValueError("distill.terms: hidden-state terms are for classifiers; a causal LM distils its logits")
+    if objective.reads_layers:
+        raise ValueError("distill.terms: hidden-state and attention terms are for classifiers; a causal LM distils "
+                         "its logits")
 
 
 def tangent_from_jvp(primal: Logits | Outputs, tangent: Logits | Outputs) -> torch.Tensor | HeadTangent | Outputs:

@@ -1,5 +1,5 @@
 """A distillation objective as one typed object: the hard loss, the soft terms with their weights, and what each
-model must return for them (logits; hidden states at the layers a layer map names).
+model must return for them (logits; hidden states or attention maps at the layers a layer map names).
 
 The student's loss on a batch is, summed over rows (the caller divides by the global row count):
 
@@ -11,7 +11,8 @@ of the registered terms; the MetaDistil step then gets the teacher's cotangent b
 loss function alone (`generic_cotangent`, docs/metagrad.md §3).
 
 Adding a loss: write `def my_term(s, t, term, mask) -> Tensor` returning the term summed over rows, and add
-`"my_term": TermKind(my_term)` (with `reads_hidden=True` when it reads hidden states) to TERMS.
+`"my_term": TermKind(my_term)` (with `reads_hidden=True` when it reads hidden states, `reads_attentions=True`
+when it reads attention maps) to TERMS.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metadistil_scale.config import ConfigError, DistillConfig, DistillTermConfig, require
 
 # A model's outputs for the objective: {"logits": [N, C], "hidden": (h_0, …, h_L)} and, for a student that owns
-# a projection to the teacher's width, "projected": (P h_0, …, P h_L). A plain tensor when only logits are read.
+# a projection to the teacher's width, "projected": (P h_0, …, P h_L); "attentions": (A_1, …, A_L), each
+# [N, heads, L_q, L_k], when a term reads attention maps. A plain tensor when only logits are read.
 Outputs = dict[str, Any]
-LAYER_MAPS = ("skip", "last", "uniform")
+LAYER_MAPS = ("skip", "last", "uniform", "top")
 NORMALIZATIONS = ("sum", "official")
 PROJECTION_NAME = "distill_projection"
 
@@ -57,6 +59,18 @@ TermLoss = Callable[[Outputs, Outputs, Term, "torch.Tensor | None"], torch.Tenso
 class TermKind:
     loss: TermLoss  # (student outputs, teacher outputs, term, attention mask [N, L] or None) -> sum over rows
     reads_hidden: bool = False
+    reads_attentions: bool = False
+
+    @property
+    def reads_layers(self) -> bool:
+        """Reads per-layer outputs, at the layers its layer map names."""
+        return self.reads_hidden or self.reads_attentions
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest index a layer map may name: hidden states count the embeddings as 0, attention maps
+        start at the first transformer layer."""
+        return 1 if self.reads_attentions else 0
 
 
 # ---------------------------------------------------------------- logit terms
@@ -110,7 +124,7 @@ def pkd_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> to
     """Patient KD: the squared distance of the L2-normalised [CLS] states, a mean over matched layers and
     hidden units per row (the official code's F.mse_loss over layers·N·H, once the caller divides by N)."""
     total = 0.0
-    pairs = _pairs(s, t, term)
+    pairs = _matched(s, t, term, "hidden")
     for h_s, h_t in pairs:
         cls_s, cls_t = h_s[:, 0], h_t[:, 0]
         cls_s = cls_s / cls_s.norm(dim=-1, keepdim=True)
@@ -122,7 +136,7 @@ def pkd_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> to
 def hidden_mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
     """TinyBERT-style: the squared distance of (projected) hidden states, a mean over matched layers, the row's
     real tokens and hidden units."""
-    pairs = _pairs(s, t, term)
+    pairs = _matched(s, t, term, "hidden")
     total = 0.0
     for h_s, h_t in pairs:
         per_token = (h_s - h_t).pow(2).sum(-1) / h_t.shape[-1]
@@ -132,11 +146,52 @@ def hidden_mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None
 
 def cosine_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
     """1 − cos(h_s, h_t) of (projected) hidden states, a mean over matched layers and the row's real tokens."""
-    pairs = _pairs(s, t, term)
+    pairs = _matched(s, t, term, "hidden")
     total = 0.0
     for h_s, h_t in pairs:
         per_token = 1 - F.cosine_similarity(h_s, h_t, dim=-1)
         total = total + (per_token * _token_weights(mask, per_token)).sum()
+    return total / len(pairs)
+
+
+# ---------------------------------------------------------------- attention-map terms
+
+
+def attention_kl_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """MiniLM: KL(teacher ‖ student) of each head's attention distribution over the real keys, a mean over
+    matched layers, heads and the row's real query tokens."""
+    return _attention_mean(s, t, term, mask, _kl_over_keys)
+
+
+def attention_mse_sum(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None) -> torch.Tensor:
+    """TinyBERT-style: the squared distance of the attention probabilities, summed over the real keys, a mean
+    over matched layers, heads and the row's real query tokens."""
+    return _attention_mean(s, t, term, mask, _squares_over_keys)
+
+
+def _kl_over_keys(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ_k p log(p/q) over the last dimension. Masked keys have p = q = 0: xlogy and the clamp keep them at 0
+    instead of 0·(−inf); the clamp is the identity (gradient 1) wherever q is a normal number."""
+    return (torch.xlogy(p, p) - p * q.clamp_min(torch.finfo(q.dtype).tiny).log()).sum(-1)
+
+
+def _squares_over_keys(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return (q - p).pow(2).sum(-1)
+
+
+def _attention_mean(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | None,
+                    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    total = 0.0
+    pairs = _matched(s, t, term, "attentions")
+    for a_s, a_t in pairs:
+        if a_s.shape != a_t.shape:
+            raise ValueError(f"{term.where}: attention maps of shape {tuple(a_s.shape)} (student) and "
+                             f"{tuple(a_t.shape)} (teacher): the models must share heads and tokenizer")
+        if mask is not None:  # padded keys carry no probability to compare
+            keys = mask[:, None, None, :].to(a_s.dtype)
+            a_s, a_t = a_s * keys, a_t * keys
+        per_query = distance(a_s, a_t).mean(1)  # [N, L_q]: a mean over heads
+        total = total + (per_query * _token_weights(mask, per_query)).sum()
     return total / len(pairs)
 
 
@@ -149,6 +204,8 @@ TERMS: dict[str, TermKind] = {
     "pkd": TermKind(pkd_sum, reads_hidden=True),
     "hidden_mse": TermKind(hidden_mse_sum, reads_hidden=True),
     "cosine": TermKind(cosine_sum, reads_hidden=True),
+    "attention": TermKind(attention_kl_sum, reads_attentions=True),
+    "attention_mse": TermKind(attention_mse_sum, reads_attentions=True),
 }
 
 
@@ -165,42 +222,49 @@ def _token_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     return mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
 
 
-def _pairs(s: Outputs, t: Outputs, term: Term) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(student state, teacher state) per matched layer; the student's projected states where it owns a
-    projection to the teacher's width."""
-    if not (isinstance(s, dict) and "hidden" in s and isinstance(t, dict) and "hidden" in t):
-        raise ValueError(f"{term.where}: a hidden-state term needs the models' hidden states: build the models "
-                         "with objectives.prepare_models and forward them with Objective.inputs")
-    student_states = s.get("projected", s["hidden"])
-    pairs = layer_pairs(term.layers, len(s["hidden"]) - 1, len(t["hidden"]) - 1, term.where)
-    return [(student_states[i], t["hidden"][j]) for i, j in pairs]
+def _matched(s: Outputs, t: Outputs, term: Term, key: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student, teacher) outputs per matched layer: hidden states (the student's projected ones where it owns
+    a projection to the teacher's width), or attention maps (attentions[i − 1] is layer i's)."""
+    if not (isinstance(s, dict) and key in s and isinstance(t, dict) and key in t):
+        raise ValueError(f"{term.where}: the term needs the models' {key}: build the models with "
+                         "objectives.prepare_models and forward them with Objective.inputs")
+    if key == "hidden":
+        pairs = layer_pairs(term.layers, len(s["hidden"]) - 1, len(t["hidden"]) - 1, term.where)
+        return [(s.get("projected", s["hidden"])[i], t["hidden"][j]) for i, j in pairs]
+    pairs = layer_pairs(term.layers, len(s[key]), len(t[key]), term.where, first=1)
+    return [(s[key][i - 1], t[key][j - 1]) for i, j in pairs]
 
 
 def layer_pairs(layers: str | tuple[tuple[int, int], ...], student_layers: int, teacher_layers: int,
-                where: str = "distill.terms") -> tuple[tuple[int, int], ...]:
-    """(student, teacher) indices into transformers' hidden_states (0 = the embeddings, L = the last layer).
+                where: str = "distill.terms", first: int = 0, known_from: str = "") -> tuple[tuple[int, int], ...]:
+    """(student, teacher) layer indices: transformers' hidden_states for first=0 (0 = the embeddings, L = the
+    last layer), transformer layers 1…L for first=1 (attention maps).
 
     skip:    student layers 1…L_s−1 against teacher layers k, 2k, …, k = L_t // L_s (the official code's
              hidden_states[1:-1][(k−1)::k]: teacher layers 2, 4, 6, 8, 10 for 12 → 6);
     last:    student layers 1…L_s−1 against the teacher's last L_s−1 layers before its top one;
-    uniform: student layers 0…L_s (embeddings and top included) against 0, k, 2k, …
+    uniform: student layers first…L_s (the embeddings too for hidden states) against first·k, …, L_s·k;
+    top:     the student's last layer against the teacher's (MiniLM's attention transfer).
+    `known_from` says where the layer counts came from, for the error.
     """
     k = teacher_layers // student_layers
     if not isinstance(layers, str):
         pairs = tuple((int(a), int(b)) for a, b in layers)
     elif layers == "uniform":
-        pairs = tuple((i, k * i) for i in range(student_layers + 1))
+        pairs = tuple((i, k * i) for i in range(first, student_layers + 1))
     elif layers == "skip":
         pairs = tuple((i, k * i) for i in range(1, student_layers))
+    elif layers == "top":
+        pairs = ((student_layers, teacher_layers),)
     else:
         pairs = tuple((i, teacher_layers - student_layers + i) for i in range(1, student_layers))
+    models = f"a {student_layers}-layer student and a {teacher_layers}-layer teacher{known_from}"
     if k < 1 or not pairs:
-        raise ConfigError(f"{where}.layers: {layers!r} matches no layers of a {student_layers}-layer student "
-                          f"and a {teacher_layers}-layer teacher")
+        raise ConfigError(f"{where}.layers: expected a layer map that matches layers of {models}, got {layers!r}")
     for a, b in pairs:
-        if not (0 <= a <= student_layers and 0 <= b <= teacher_layers):
-            raise ConfigError(f"{where}.layers: pair [{a}, {b}] is outside the student's 0..{student_layers} or "
-                              f"the teacher's 0..{teacher_layers} hidden states")
+        if not (first <= a <= student_layers and first <= b <= teacher_layers):
+            raise ConfigError(f"{where}.layers: expected [student, teacher] pairs in {first}..{student_layers} and "
+                              f"{first}..{teacher_layers} for {models}, got [{a}, {b}]")
     return pairs
 
 
@@ -244,9 +308,21 @@ class Objective:
     def reads_hidden(self) -> bool:
         return any(TERMS[t.kind].reads_hidden for t in self.terms if t.weight > 0)
 
+    @property
+    def reads_attentions(self) -> bool:
+        return any(TERMS[t.kind].reads_attentions for t in self.terms if t.weight > 0)
+
+    @property
+    def reads_layers(self) -> bool:
+        return self.reads_hidden or self.reads_attentions
+
     def inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A model's inputs, asking for its hidden states when a term reads them."""
-        return {**inputs, "output_hidden_states": True} if self.reads_hidden else inputs
+        """A model's inputs, asking for its hidden states or attention maps only when a term reads them."""
+        if self.reads_hidden:
+            inputs = {**inputs, "output_hidden_states": True}
+        if self.reads_attentions:
+            inputs = {**inputs, "output_attentions": True}
+        return inputs
 
     def soft_sum(self, s: Outputs, t: Outputs, mask: torch.Tensor | None) -> torch.Tensor:
         """Σ_k weight_k · term_k, summed over rows; terms of weight 0 are left out."""
@@ -299,41 +375,95 @@ def detach_outputs(outputs: Outputs | torch.Tensor) -> Outputs | torch.Tensor:
 # ---------------------------------------------------------------- models
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the layer maps are checked against: a transformer's layer and attention-head counts."""
+
+    layers: int
+    heads: int | None
+
+
 def prepare_models(objective: Objective, teacher: nn.Module, student: nn.Module) -> None:
-    """Make both models return what the objective reads. For hidden-state terms: a forward hook turns a
-    transformers output that carries hidden states into an Outputs dict, and a student narrower than its
-    teacher gets a linear projection to the teacher's width (its own trained parameters, TinyBERT style).
-    Call before the student's optimizer is built; checks the layer maps against the models."""
-    if not objective.reads_hidden:
+    """Make both models return what the objective reads. For per-layer terms: a forward hook turns a
+    transformers output that carries hidden states or attention maps into an Outputs dict; for hidden-state
+    terms a student narrower than its teacher gets a linear projection to the teacher's width (its own trained
+    parameters, TinyBERT style); for attention terms the student's attention dropout is turned off.
+    Call right after the models are built, before the student's optimizer and any training step: checks the
+    layer maps against the models."""
+    if not objective.reads_layers:
         return
-    for role, model in (("teacher", teacher), ("student", student)):
-        require(hasattr(getattr(model, "config", None), "hidden_size"), "distill.terms",
-                "hidden-state terms only with transformers models", f"{role} {type(model).__name__}")
-    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    for term in objective.terms:
-        if TERMS[term.kind].reads_hidden:
-            layer_pairs(term.layers, n_s, n_t, term.where)
+    student_shape, teacher_shape = built_shape(student, "student"), built_shape(teacher, "teacher")
+    check_layer_maps(objective.terms, student_shape, teacher_shape,
+                     " (checked once the models were built, before any training step)")
+    if objective.reads_hidden:
+        _add_projection(teacher, student)
+    if objective.reads_attentions:
+        _attention_dropout_off(student)
+    for model in (teacher, student):
+        if not getattr(model, "_distill_outputs_hook", False):
+            model.register_forward_hook(_objective_outputs, with_kwargs=True)
+            model._distill_outputs_hook = True
+
+
+def built_shape(model: nn.Module, role: str) -> ModelShape:
+    config = getattr(model, "config", None)
+    require(hasattr(config, "hidden_size"), "distill.terms", "per-layer terms only with transformers models",
+            f"{role} {type(model).__name__}")
+    return ModelShape(config.num_hidden_layers, getattr(config, "num_attention_heads", None))
+
+
+def check_layer_maps(terms: tuple[Term, ...], student: ModelShape, teacher: ModelShape, known_from: str) -> None:
+    """Every per-layer term's map fits the models; an attention term compares maps head by head, so both models
+    need as many heads."""
+    for term in terms:
+        kind = TERMS[term.kind]
+        if not kind.reads_layers:
+            continue
+        layer_pairs(term.layers, student.layers, teacher.layers, term.where, kind.first_layer, known_from)
+        if kind.reads_attentions:
+            require(student.heads == teacher.heads, f"{term.where}.kind", "a student with as many attention heads "
+                    f"as its teacher for {term.kind!r} (student, teacher{known_from})", (student.heads, teacher.heads))
+
+
+def _add_projection(teacher: nn.Module, student: nn.Module) -> None:
     width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
     if width_s != width_t and not hasattr(student, PROJECTION_NAME):
         param = next(student.parameters())
         student.add_module(PROJECTION_NAME, nn.Linear(width_s, width_t).to(param.device, param.dtype))
-    for model in (teacher, student):
-        if not getattr(model, "_distill_outputs_hook", False):
-            model.register_forward_hook(_outputs_with_hidden, with_kwargs=True)
-            model._distill_outputs_hook = True
 
 
-def _outputs_with_hidden(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """A forward asked for hidden states (Objective.inputs): hand back the Outputs dict; otherwise (evaluation,
-    the quiz) leave the output alone. Runs inside functional_call too, so the projection's functional
-    parameters are the ones used."""
+def _attention_dropout_off(student: nn.Module) -> None:
+    """The eager attention hands back its probabilities after dropout (zeros and 1/(1−p) factors: no longer
+    distributions), so an attention term needs the student's attention dropout off. BERT-family attention
+    modules read `dropout.p` at every forward."""
+    modules = [m for m in student.modules()
+               if hasattr(m, "attention_head_size") and isinstance(getattr(m, "dropout", None), nn.Dropout)]
+    for module in modules:
+        module.dropout.p = 0.0
+    config = student.config
+    rate = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+    require(bool(modules) or not rate, "distill.terms", "a student whose attention dropout can be turned off for "
+            "attention terms (BERT-family attention modules)", type(student).__name__)
+    if hasattr(config, "attention_probs_dropout_prob"):
+        config.attention_probs_dropout_prob = 0.0  # what the saved student's config says
+
+
+def _objective_outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """A forward asked for hidden states or attention maps (Objective.inputs): hand back the Outputs dict;
+    otherwise (evaluation, the quiz) leave the output alone. Runs inside functional_call too, so the
+    projection's functional parameters are the ones used."""
     hidden = getattr(output, "hidden_states", None)
-    if hidden is None:
+    attentions = getattr(output, "attentions", None)
+    if hidden is None and attentions is None:
         return None
-    outputs = {"logits": output.logits, "hidden": tuple(hidden)}
-    projection = getattr(module, PROJECTION_NAME, None)
-    if projection is not None:
-        outputs["projected"] = tuple(projection(h) for h in hidden)
+    outputs = {"logits": output.logits}
+    if hidden is not None:
+        outputs["hidden"] = tuple(hidden)
+        projection = getattr(module, PROJECTION_NAME, None)
+        if projection is not None:
+            outputs["projected"] = tuple(projection(h) for h in hidden)
+    if attentions is not None:
+        outputs["attentions"] = tuple(attentions)
     return outputs
 
 
@@ -359,4 +489,4 @@ def validate_term(term: DistillTermConfig, key: str) -> None:
 def require_logit_terms(distill: DistillConfig, why: str, key: str = "distill") -> None:
     """Models that give no hidden states to distil (CNNs; a causal LM here) take logit terms only."""
     for i, term in enumerate(distill.terms):
-        require(not TERMS[term.kind].reads_hidden, f"{key}.terms[{i}].kind", f"a logit term ({why})", term.kind)
+        require(not TERMS[term.kind].reads_layers, f"{key}.terms[{i}].kind", f"a logit term ({why})", term.kind)

@@ -37,9 +37,9 @@ PILOT_LR = 0.5
 # ---------------------------------------------------------------- models and batches
 
 
-def tiny_bert(layers: int, hidden: int, seed: int) -> nn.Module:
+def tiny_bert(layers: int, hidden: int, seed: int, heads: int = 2) -> nn.Module:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+    config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=20, max_position_embeddings=16, num_labels=NUM_LABELS,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
     return BertForSequenceClassification(config).double()
@@ -88,6 +88,8 @@ def reference_term(kind: str, spec: dict, out_s, out_t, proj, mask) -> torch.Ten
         if spec.get("normalization") == "official":
             return F.mse_loss(p, q) * T**2  # the official GLUE code's soft loss
         return F.mse_loss(q, p, reduction="sum") / len(z_s)
+    if kind in ("attention", "attention_mse"):
+        return reference_attention(kind, spec, out_s.attentions, out_t.attentions, mask)
     hs, ht = out_s.hidden_states, out_t.hidden_states
     ls, lt = len(hs) - 1, len(ht) - 1
     if kind == "pkd":  # the official code: [CLS] of hidden_states[1:-1], teacher's (k-1)::k, L2-normalised
@@ -106,13 +108,32 @@ def reference_term(kind: str, spec: dict, out_s, out_t, proj, mask) -> torch.Ten
     return total / len(pairs)
 
 
+def reference_attention(kind: str, spec: dict, att_s, att_t, mask) -> torch.Tensor:
+    """Row by row on its real tokens alone (no padding left to mask): per head and query, KL(p ‖ q) over the
+    keys (MiniLM) or Σ (q − p)²; a mean over heads and queries, then over rows and matched layers. The teacher
+    has twice the student's layers."""
+    ls, lt = len(att_s), len(att_t)
+    layers = spec["layers"]
+    pairs = {"top": [(ls, lt)], "uniform": [(i, 2 * i) for i in range(1, ls + 1)],
+             "skip": [(i, 2 * i) for i in range(1, ls)]}.get(layers, layers) if isinstance(layers, str) else layers
+    total = 0.0
+    for i, j in pairs:
+        rows = []
+        for r, n in enumerate(mask.sum(1).tolist()):
+            q, p = att_s[i - 1][r, :, :n, :n], att_t[j - 1][r, :, :n, :n]
+            d = F.kl_div(q.log(), p, reduction="sum") if kind == "attention" else F.mse_loss(q, p, reduction="sum")
+            rows.append(d / (q.shape[0] * n))
+        total = total + torch.stack(rows).mean()
+    return total / len(pairs)
+
+
 def reference_teacher_grad(teacher, student, proj_params, terms, batch, quiz, hard_weight=ALPHA):
     """∇θt CE(f_s(xq; θs − λ∇θs L_S(θs; θt)), yq) by create_graph, the projection among the student's parameters."""
     names = [n for n, _ in student.named_parameters()]
     params = {**dict(student.named_parameters()), **proj_params}
     buffers = {n: b.clone() for n, b in student.named_buffers()}
     text = "input_ids" in batch["student"]
-    extra = {"output_hidden_states": True} if text else {}
+    extra = {"output_hidden_states": True, "output_attentions": True} if text else {}
 
     def proj(h):
         return F.linear(h, params["w"], params["b"]) if params else h
@@ -183,9 +204,13 @@ SINGLE_TERMS = {
     "pkd_last": {"kind": "pkd", "weight": 100.0, "layers": "last"},
     "hidden_mse": {"kind": "hidden_mse", "weight": 3.0, "layers": "uniform"},
     "cosine": {"kind": "cosine", "weight": 3.0, "layers": "skip"},
+    "attention_top": {"kind": "attention", "weight": 2.0, "layers": "top"},
+    "attention_pairs": {"kind": "attention", "weight": 2.0, "layers": [[1, 1], [2, 4]]},
+    "attention_mse": {"kind": "attention_mse", "weight": 3.0, "layers": "uniform"},
 }
 OFFICIAL_MIX = [{"kind": "mse", "weight": 0.5, "normalization": "official"},
                 {"kind": "pkd", "weight": 100.0, "layers": "skip"}]
+KL_AND_ATTENTION = [{"kind": "kl", "weight": 0.5}, {"kind": "attention", "weight": 2.0, "layers": "top"}]
 
 
 # ---------------------------------------------------------------- tests
@@ -200,6 +225,14 @@ def test_each_term_alone_equals_unrolled_reference(name):
 @pytest.mark.parametrize("u_mode,tol", [("jvp", 1e-8), ("finite-difference", 1e-5), ("unrolled", 1e-10)])
 def test_pkd_mse_ce_mix_equals_unrolled_reference(u_mode, tol):
     mix = [*OFFICIAL_MIX, {"kind": "hidden_mse", "weight": 2.0, "layers": "uniform"}]
+    got, want, _ = meta_grad_and_reference("bert", mix, u_mode)
+    assert rel_error(got, want) <= tol
+
+
+@pytest.mark.parametrize("u_mode,tol", [("jvp", 1e-8), ("finite-difference", 1e-5), ("unrolled", 1e-10)])
+def test_attention_in_a_mix_equals_unrolled_reference(u_mode, tol):
+    mix = [*KL_AND_ATTENTION, {"kind": "hidden_mse", "weight": 2.0, "layers": "uniform"},
+           {"kind": "attention_mse", "weight": 3.0, "layers": "skip"}]
     got, want, _ = meta_grad_and_reference("bert", mix, u_mode)
     assert rel_error(got, want) <= tol
 
@@ -229,16 +262,17 @@ def test_micro_batches_equal_one_batch():
     assert rel_error(got, want) <= 1e-8
 
 
-def test_a_perturbed_cotangent_is_caught(monkeypatch):
-    """The negative control: the comparison fails when the hidden-state part of w is dropped, or when w is off
-    by one part in a million."""
+@pytest.mark.parametrize("mix", [OFFICIAL_MIX, KL_AND_ATTENTION], ids=["pkd", "attention"])
+def test_a_perturbed_cotangent_is_caught(mix, monkeypatch):
+    """The negative control: the comparison fails when the hidden-state or attention-map part of w is dropped,
+    or when w is off by one part in a million."""
     import metadistil_scale.losses as losses
 
     exact = losses.generic_cotangent
     for perturb in (lambda w: [x if i == 0 else None for i, x in enumerate(w)],  # the logits' part only
                     lambda w: [None if x is None else x * (1 + 1e-6) for x in w]):
         monkeypatch.setattr(losses, "generic_cotangent", lambda *a, perturb=perturb: perturb(exact(*a)))
-        got, want, _ = meta_grad_and_reference("bert", OFFICIAL_MIX)
+        got, want, _ = meta_grad_and_reference("bert", mix)
         assert rel_error(got, want) > 1e-8
 
 
@@ -264,6 +298,67 @@ def test_layer_maps_follow_the_official_rules():
     assert layer_pairs("uniform", 3, 6)[-1] == (3, 6)
     with pytest.raises(ConfigError, match=r"distill.terms\[0\].layers"):
         layer_pairs(((1, 9),), 3, 6, "distill.terms[0]")
+
+
+def test_attention_layer_maps_start_at_the_first_layer():
+    assert layer_pairs("top", 3, 6, first=1) == ((3, 6),)
+    assert layer_pairs("uniform", 3, 6, first=1) == ((1, 2), (2, 4), (3, 6))  # no embeddings: no attention map
+    with pytest.raises(ConfigError, match=r"distill.terms\[2\].layers: expected \[student, teacher\] pairs in 1..3"):
+        layer_pairs(((0, 0),), 3, 6, "distill.terms[2]", first=1)
+
+
+def objective_outputs(objective, model, inputs):
+    return model(**objective.inputs(inputs))
+
+
+@pytest.mark.parametrize("kind", ["attention", "attention_mse"])
+@torch.no_grad()
+def test_attention_terms_read_real_tokens_only(kind):
+    """A padded batch gives each row the value it has alone, unpadded: padded keys and queries are left out
+    (and leaving the mask out changes the value: the check can fail)."""
+    teacher, student = bert_pair()
+    student.eval()
+    objective = Objective.from_config(DistillConfig(terms=[DistillTermConfig(kind=kind, layers="uniform")]))
+    prepare_models(objective, teacher, student)
+    batch = text_batch(6, seed=1)["student"]
+    padded = objective.soft_sum(objective_outputs(objective, student, batch),
+                                objective_outputs(objective, teacher, batch), batch["attention_mask"])
+    alone = 0.0
+    for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        inputs = {k: v[row : row + 1, :n] for k, v in batch.items()}
+        alone = alone + objective.soft_sum(objective_outputs(objective, student, inputs),
+                                           objective_outputs(objective, teacher, inputs), inputs["attention_mask"])
+    torch.testing.assert_close(padded, alone, rtol=1e-12, atol=0)
+    unmasked = objective.soft_sum(objective_outputs(objective, student, batch),
+                                  objective_outputs(objective, teacher, batch), None)
+    assert abs(float(unmasked - alone)) > 1e-3 * abs(float(alone))
+
+
+def test_attention_terms_turn_the_students_attention_dropout_off():
+    """The eager attention returns its maps after dropout; with an attention term the student's maps are
+    distributions in train mode, and its other dropout is untouched."""
+    teacher, student = tiny_bert(4, 16, seed=0).eval(), tiny_bert(2, 12, seed=1)
+    for module in student.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.5
+    objective = Objective.from_config(DistillConfig(terms=[DistillTermConfig(kind="attention", layers="top")]))
+    inputs = objective.inputs(text_batch(6, seed=1)["student"])
+    torch.manual_seed(0)
+    before = student(**inputs).attentions[-1].sum(-1)
+    assert not torch.allclose(before, torch.ones_like(before))  # dropped-out maps: the check can fail
+    prepare_models(objective, teacher, student)
+    maps = student(**inputs)["attentions"][-1]
+    torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), rtol=1e-12, atol=1e-12)
+    assert student.config.attention_probs_dropout_prob == 0.0 and student.bert.embeddings.dropout.p == 0.5
+
+
+def test_attention_terms_need_as_many_heads_in_both_models():
+    teacher, student = tiny_bert(4, 16, seed=0, heads=4), tiny_bert(2, 12, seed=1)
+    objective = Objective.from_config(DistillConfig(terms=[DistillTermConfig(kind="kl"),
+                                                           DistillTermConfig(kind="attention", layers="top")]))
+    with pytest.raises(ConfigError, match=r"distill.terms\[1\].kind: expected a student with as many attention "
+                                          r"heads .* got \(2, 4\)"):
+        prepare_models(objective, teacher, student)
 
 
 def test_terms_from_yaml_and_errors_name_the_key(tmp_path):
