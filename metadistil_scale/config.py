@@ -433,6 +433,16 @@ def validate_distill(d: DistillConfig, key: str = "distill") -> None:
             validate_term(term, f"{key}.terms[{i}]")
 
 
+def validate_objective(c: Config) -> None:
+    """distill.* alone, then its terms against the task (no softmax term on a regression) and the models'
+    config files (layer maps, attention heads and implementation), before any work starts."""
+    validate_distill(c.distill)
+    if c.distill.terms:
+        from metadistil_scale.objectives import check_terms_fit
+
+        check_terms_fit(c)
+
+
 def validate_lora(lora: LoraConfig, key: str, cv: bool = False) -> None:
     require(lora.r >= 1, f"{key}.r", ">= 1", lora.r)
     require(lora.alpha > 0, f"{key}.alpha", "> 0", lora.alpha)
@@ -503,7 +513,7 @@ def validate(c: Config) -> None:
             validate_lora(getattr(m, key), f"model.{key}", cv=image)
     if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_dir():
         raise ConfigError(f"model.teacher_checkpoint: folder not found: {m.teacher_checkpoint}")
-    validate_distill(c.distill)
+    validate_objective(c)
     if image and c.distill.terms:
         from metadistil_scale.objectives import require_logit_terms
 

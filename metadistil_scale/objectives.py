@@ -12,7 +12,7 @@ loss function alone (`generic_cotangent`, docs/metagrad.md §3).
 
 Adding a loss: write `def my_term(s, t, term, mask) -> Tensor` returning the term summed over rows, and add
 `"my_term": TermKind(my_term)` (with `reads_hidden=True` when it reads hidden states, `reads_attentions=True`
-when it reads attention maps) to TERMS.
+when it reads attention maps, `softmax=True` when it reads the softmax of the logits) to TERMS.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from metadistil_scale.config import ConfigError, DistillConfig, DistillTermConfig, require
+from metadistil_scale.config import (
+    IMAGE_TASKS,
+    Config,
+    ConfigError,
+    DistillConfig,
+    DistillTermConfig,
+    require,
+)
 
 # A model's outputs for the objective: {"logits": [N, C], "hidden": (h_0, …, h_L)} and, for a student that owns
 # a projection to the teacher's width, "projected": (P h_0, …, P h_L); "attentions": (A_1, …, A_L), each
@@ -60,6 +67,7 @@ class TermKind:
     loss: TermLoss  # (student outputs, teacher outputs, term, attention mask [N, L] or None) -> sum over rows
     reads_hidden: bool = False
     reads_attentions: bool = False
+    softmax: bool = False  # reads softmax(logits): a regression's single output has none to distil
 
     @property
     def reads_layers(self) -> bool:
@@ -196,10 +204,10 @@ def _attention_mean(s: Outputs, t: Outputs, term: Term, mask: torch.Tensor | Non
 
 
 TERMS: dict[str, TermKind] = {
-    "kl": TermKind(kl_sum),
-    "mse": TermKind(mse_sum),
-    "reverse_kl": TermKind(reverse_kl_sum),
-    "jsd": TermKind(jsd_sum),
+    "kl": TermKind(kl_sum, softmax=True),
+    "mse": TermKind(mse_sum, softmax=True),
+    "reverse_kl": TermKind(reverse_kl_sum, softmax=True),
+    "jsd": TermKind(jsd_sum, softmax=True),
     "score_mse": TermKind(score_mse_sum),
     "pkd": TermKind(pkd_sum, reads_hidden=True),
     "hidden_mse": TermKind(hidden_mse_sum, reads_hidden=True),
@@ -294,6 +302,8 @@ class Objective:
                  t.beta, t.normalization, where=f"distill.terms[{i}]")
             for i, t in enumerate(cfg.terms)
         )
+        if regression:
+            require_regression_terms(terms)
         return cls(hard, cfg.alpha, terms)
 
     @property
@@ -467,6 +477,23 @@ def _objective_outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any
     return outputs
 
 
+def config_shape(source: str, keep_layers: int | None = None) -> ModelShape | None:
+    """A text model's layer and head counts from its config file, when that file is on this machine (a folder,
+    the embedded MiniLM, the hub's cache); None otherwise. A student keeps its first `keep_layers` layers."""
+    from transformers import AutoConfig
+
+    from metadistil_scale.models.text import resolve_source
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(source), local_files_only=True)
+    except (OSError, ValueError):  # not here (a hub name outside the cache), or no model config
+        return None
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None:
+        return None
+    return ModelShape(min(keep_layers or layers, layers), getattr(config, "num_attention_heads", None))
+
+
 # ---------------------------------------------------------------- config validation
 
 
@@ -490,3 +517,36 @@ def require_logit_terms(distill: DistillConfig, why: str, key: str = "distill") 
     """Models that give no hidden states to distil (CNNs; a causal LM here) take logit terms only."""
     for i, term in enumerate(distill.terms):
         require(not TERMS[term.kind].reads_layers, f"{key}.terms[{i}].kind", f"a logit term ({why})", term.kind)
+
+
+def require_regression_terms(terms: tuple[Term, ...]) -> None:
+    """A regression's single output has no softmax to distil: kl, mse, reverse_kl and jsd would be 0."""
+    for term in terms:
+        require(not TERMS[term.kind].softmax, f"{term.where}.kind", "a term for a regression's single output "
+                "(score_mse, or a hidden-state or attention term)", term.kind)
+
+
+def check_terms_fit(c: Config) -> None:
+    """The terms against the task and the models, before any work (config.validate_objective): no softmax term
+    on a regression; attention maps only from the eager attention; layer maps and head counts that fit the
+    models' config files when those are on this machine (otherwise prepare_models checks them once the models
+    are built, before any training step)."""
+    objective = Objective.from_config(c.distill, task_is_regression(c.data.task))
+    layered = [t for t in objective.terms if TERMS[t.kind].reads_layers]
+    if not layered or c.data.task in IMAGE_TASKS:  # CNNs: config.validate refuses per-layer terms
+        return
+    for term in layered:
+        if TERMS[term.kind].reads_attentions:
+            require(c.model.attn_implementation == "eager", "model.attn_implementation",
+                    f"'eager' for {term.where} (only the eager attention returns attention maps)",
+                    c.model.attn_implementation)
+    student = config_shape(c.model.student, c.model.student_layers)
+    teacher = config_shape(c.model.teacher_checkpoint or c.model.teacher)
+    if student is not None and teacher is not None:
+        check_layer_maps(objective.terms, student, teacher, " (from the models' config files)")
+
+
+def task_is_regression(task: str) -> bool:
+    from metadistil_scale.data.text import _GLUE  # the task table: STS-B is the one regression
+
+    return task in _GLUE and _GLUE[task][0].is_regression

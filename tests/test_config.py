@@ -163,3 +163,56 @@ def test_a_bare_recipe_name_is_a_shipped_recipe(tmp_path, monkeypatch) -> None:
         load_config("glue_sst3")
     with pytest.raises(ConfigError, match=r"config file not found: sub/glue_sst2.yaml$"):
         load_config("sub/glue_sst2.yaml")  # a path is only ever a path
+
+
+# ---------------------------------------------------------------- distill.terms against the task and the models
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse", "reverse_kl", "jsd"])
+def test_softmax_terms_on_a_regression_are_refused_before_any_work(kind):
+    from metadistil_scale.config import DistillConfig, DistillTermConfig
+    from metadistil_scale.objectives import Objective
+
+    terms = f"distill.terms=[{{kind: score_mse, weight: 0.5}}, {{kind: {kind}}}]"
+    with pytest.raises(ConfigError, match=rf"^distill\.terms\[1\]\.kind: expected a term for a regression's single "
+                                          rf"output \(score_mse, or a hidden-state or attention term\), got '{kind}'$"):
+        load_config(None, ["data.task=stsb", terms])
+    with pytest.raises(ConfigError, match=r"distill\.terms\[0\]\.kind"):  # whoever builds the objective directly
+        Objective.from_config(DistillConfig(terms=[DistillTermConfig(kind=kind)]), regression=True)
+    assert load_config(None, ["data.task=sst2", terms]).distill.terms[1].kind == kind  # a classification takes it
+    ok = load_config(None, ["data.task=stsb", "distill.terms=[{kind: score_mse}, {kind: attention, layers: top}]"])
+    assert [t.kind for t in ok.distill.terms] == ["score_mse", "attention"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distill.terms=[{kind: pkd, layers: [[1, 7]]}]"],
+     r"distill\.terms\[0\]\.layers: expected \[student, teacher\] pairs in 0\.\.3 and 0\.\.6 for a 3-layer student "
+     r"and a 6-layer teacher \(from the models' config files\), got \[1, 7\]$"),
+    (["model.student_layers=1", "distill.terms=[{kind: kl}, {kind: hidden_mse, layers: skip}]"],
+     r"distill\.terms\[1\]\.layers: expected a layer map that matches layers of a 1-layer student and a 6-layer "
+     r"teacher \(from the models' config files\), got 'skip'$"),
+    (["distill.terms=[{kind: attention, layers: [[0, 0]]}]"],  # attention maps start at layer 1
+     r"distill\.terms\[0\]\.layers: expected \[student, teacher\] pairs in 1\.\.3 and 1\.\.6 .*got \[0, 0\]$"),
+    (["model.attn_implementation=sdpa", "distill.terms=[{kind: attention, layers: top}]"],
+     r"model\.attn_implementation: expected 'eager' for distill\.terms\[0\] .*got 'sdpa'$"),
+])
+def test_layer_maps_that_do_not_fit_the_models_are_refused_at_config_time(overrides, message):
+    """The embedded MiniLM teacher has 6 layers, the student keeps 3: read from the config files before the
+    teacher's fine-tuning starts."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_fitting_layer_maps_and_attention_heads_from_the_config_files(tmp_path):
+    from transformers import BertConfig
+
+    for name, heads in (("teacher", 4), ("student", 2)):
+        BertConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=heads,
+                   intermediate_size=20).save_pretrained(tmp_path / name)
+    models = [f"model.teacher={tmp_path / 'teacher'}", f"model.student={tmp_path / 'student'}", "model.student_layers=2"]
+    with pytest.raises(ConfigError, match=r"distill\.terms\[0\]\.kind: expected a student with as many attention "
+                                          r"heads as its teacher for 'attention' .*got \(2, 4\)$"):
+        load_config(None, [*models, "distill.terms=[{kind: attention, layers: top}]"])
+    cfg = load_config(None, [*models, "distill.terms=[{kind: hidden_mse, layers: top}, {kind: pkd, layers: uniform}]"])
+    assert [t.layers for t in cfg.distill.terms] == ["top", "uniform"]
+    assert load_config(None, ["distill.terms=[{kind: attention, layers: uniform}, {kind: pkd, layers: skip}]"])

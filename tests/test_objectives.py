@@ -361,6 +361,16 @@ def test_attention_terms_need_as_many_heads_in_both_models():
         prepare_models(objective, teacher, student)
 
 
+def test_layer_maps_of_models_unknown_at_config_time_are_checked_once_built():
+    """A hub name outside the cache: the config cannot be checked against its layers; the check runs when the
+    models are built, before any training step, and says so."""
+    cfg = load_config(None, ["model.teacher=nobody/not-in-the-cache", "distill.terms=[{kind: pkd, layers: [[1, 9]]}]"])
+    teacher, student = bert_pair()
+    with pytest.raises(ConfigError, match=r"distill.terms\[0\].layers: expected .* for a 2-layer student and a "
+                                          r"4-layer teacher \(checked once the models were built"):
+        prepare_models(Objective.from_config(cfg.distill), teacher, student)
+
+
 def test_terms_from_yaml_and_errors_name_the_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"distill": {"alpha": 0.5, "terms": OFFICIAL_MIX}}))
