@@ -560,8 +560,10 @@ def test_lm_chunked_reverse_kl_and_jsd_meta_gradient_equal_unrolled(kind, u_mode
 
 
 @pytest.mark.slow
-def test_two_ranks_with_the_teacher_at_zero3_equal_one_process_with_pkd(tmp_path):
-    """The official objective, PKD included, data-parallel over 2 ranks with the teacher sharded (ZeRO-3)."""
+@pytest.mark.parametrize("objective", ["official", "attention"])
+def test_two_ranks_with_the_teacher_at_zero3_equal_one_process(objective, tmp_path):
+    """The official objective (PKD included) or KL with attention-map terms, data-parallel over 2 ranks with the
+    teacher sharded (ZeRO-3), against one process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -569,7 +571,8 @@ def test_two_ranks_with_the_teacher_at_zero3_equal_one_process_with_pkd(tmp_path
     from test_deepspeed import _torchrun
 
     worker = str(Path(__file__).parent / "_objective_worker.py")
-    for cmd in (_torchrun(worker, str(tmp_path / "two.pt")), [sys.executable, worker, str(tmp_path / "one.pt")]):
+    for cmd in (_torchrun(worker, str(tmp_path / "two.pt"), objective),
+                [sys.executable, worker, str(tmp_path / "one.pt"), objective]):
         subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     import _ds_worker
 
