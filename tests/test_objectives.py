@@ -501,6 +501,28 @@ def test_training_with_the_official_objective_and_the_whole_quiz_set(tmp_path):
     assert results["rows"][-1]["method"] == "metadistil"
 
 
+@pytest.mark.slow
+def test_training_with_an_attention_term(tmp_path):
+    """The trainer end to end with KL and MiniLM's attention transfer: the maps come from the real tokenizer's
+    padded batches, the student's attention dropout is turned off (its saved config says so)."""
+    from test_trainer import save_tiny_bert, tiny_config
+
+    from metadistil_scale.trainer import train
+
+    teacher = save_tiny_bert(tmp_path / "teacher", 2, 2, seed=0)
+    student = save_tiny_bert(tmp_path / "student", 2, 2, seed=1)
+    config_file = student / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "attention_probs_dropout_prob": 0.3}))
+    cfg = tiny_config(tmp_path / "run", teacher, student, "student_train.max_steps=3", "methods=[metadistil]",
+                      "eval_every=3", "distill.terms=[{kind: kl, weight: 0.5}, {kind: attention, weight: 1, layers: top}]")
+    results = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metadistil" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("teacher_updated") for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    saved = json.loads((tmp_path / "run" / "metadistil" / "student" / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == 0.0 and results["rows"][-1]["method"] == "metadistil"
+
+
 # ---------------------------------------------------------------- causal LMs: reverse KL and JSD, chunked
 
 
