@@ -50,9 +50,9 @@ def kd_step(
     objective = Objective.from_config(cfg, regression)
     total = 0.0
     for part in parts:
-        # The cache keeps logits only: an objective that reads hidden states runs the teacher.
+        # The cache keeps logits only: an objective that reads hidden states or attention maps runs the teacher.
         teacher_logits = frozen_teacher_logits(teacher, objective.inputs(part["teacher"]),
-                                               None if objective.reads_hidden else cache)
+                                               None if objective.reads_layers else cache)
         student_logits = student(objective.inputs(part["student"]))
         loss = student_loss_sum(student_logits, teacher_logits, part["labels"], objective,
                                 attention_mask(part["student"])) / n

@@ -361,6 +361,27 @@ def test_attention_terms_need_as_many_heads_in_both_models():
         prepare_models(objective, teacher, student)
 
 
+def test_kd_with_a_teacher_cache_forwards_the_teacher_for_attention_terms(tmp_path):
+    """The teacher cache keeps logits only: a KD step whose objective reads attention maps runs the teacher, and
+    moves the student as it does without a cache."""
+    from metadistil_scale.steps import kd_step
+    from metadistil_scale.teacher_cache import TeacherCache
+
+    distill = DistillConfig(alpha=ALPHA, temperature=T, terms=[DistillTermConfig(kind="kl", weight=0.5),
+                                                               DistillTermConfig(kind="attention", layers="top")])
+    sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=None)
+    students = []
+    for cache in (None, TeacherCache(tmp_path)):
+        teacher, student = bert_pair()
+        start = [p.detach().clone() for p in student.parameters()]
+        prepare_models(Objective.from_config(distill), teacher, student)
+        kd_step(TorchModel(teacher, sgd, 100), TorchModel(student, sgd, 100), [text_batch(6, seed=1)], distill,
+                False, cache)
+        students.append([p.detach().clone() for p in student.parameters()])
+    assert not all(torch.equal(a, b) for a, b in zip(start, students[1]))
+    assert all(torch.equal(a, b) for a, b in zip(*students))
+
+
 def test_layer_maps_of_models_unknown_at_config_time_are_checked_once_built():
     """A hub name outside the cache: the config cannot be checked against its layers; the check runs when the
     models are built, before any training step, and says so."""
