@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, jvp
@@ -48,6 +49,16 @@ from metadistil_scale.replay import ForwardRandomness
 from metadistil_scale.steps import Batch, count_rows, kd_step
 
 Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class _PilotForwards:
+    """What the pilot's student forwards leave for the later phases of a step."""
+
+    drawn: list[ForwardRandomness]  # each micro-batch's randomness (dropout masks), replayed by u and the real step
+    kept: list  # fast schedule: the forward graphs, reused by the real step
+    student_logits: list  # detached outputs, for the cotangent
+    loss: float  # this rank's pilot loss
 
 
 def teacher_update_steps(meta: MetaConfig, steps: int) -> range:
@@ -196,61 +207,82 @@ class MetaDistil:
         n = count_rows(parts, self.student)
         params = self.student.trainable()
         theta = {k: p.detach() for k, p in params.items()}
-        outputs_of = self.objective.inputs  # the inputs that make each model return what the objective reads
 
         with timer("teacher_forward"):  # fast: keep the graph for the teacher backward at the end
             with torch.set_grad_enabled(fast):
-                teacher_logits = [self.teacher(outputs_of(p["teacher"])) for p in parts]
+                teacher_logits = [self.teacher(self.objective.inputs(p["teacher"])) for p in parts]
 
         with timer("pilot"):
-            g = {k: torch.zeros_like(t) for k, t in theta.items()}
-            drawn, kept, student_logits = [], [], []
-            loss_total = 0.0
-            for part, z_t in zip(parts, teacher_logits):
-                drawn.append(ForwardRandomness(mask_replay=not self._checkpointed))
-                # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
-                # lean: the real step forwards again, so here the buffers are protected.
-                with drawn[-1].record():
-                    z_s = (self.student(outputs_of(part["student"])) if fast and keep
-                           else self._student_at(params, outputs_of(part["student"])))
-                loss = student_loss_sum(z_s, z_t, part["labels"], self.objective, attention_mask(part["student"])) / n
-                grads = torch.autograd.grad(loss, list(params.values()), retain_graph=fast and keep)
-                for k, gk in zip(g, grads):
-                    g[k] += gk
-                loss_total += loss.item()
-                student_logits.append(detach_outputs(z_s))
-                if fast and keep:
-                    kept.append(z_s)
-            self.student.all_reduce_sum_(list(g.values()))
-            pilot = {k: theta[k] - self.meta.pilot_lr * g[k] for k in theta}
-            del g  # not needed past the pilot: lean's peak phases come later
+            pilot, forwards = self._pilot_step(parts, teacher_logits, params, theta, n, reuse=fast and keep)
 
         with timer("quiz"):
             quiz_loss, v = self._quiz_loss_and_grad(pilot, quiz, want_grad=True)
             del pilot
 
         with timer("tangent"):
-            cotangents = []
-            for part, z_t, z_s, randomness in zip(parts, teacher_logits, student_logits, drawn):
-                u = self._tangent(theta, v, outputs_of(part["student"]), randomness)
-                with timer("cotangent"):  # w alone, a part of the tangent phase's time
-                    cotangents.append(
-                        teacher_cotangent(z_t, u, z_s, self.objective, self.meta.pilot_lr, n, part["labels"],
-                                          attention_mask(part["student"]))
-                    )
+            cotangents = self._cotangents(parts, teacher_logits, forwards, theta, v, n, timer)
             del v
 
         with timer("teacher_backward"):
-            beta = self.meta.teacher_ce_weight
-            for i, (part, w) in enumerate(zip(parts, cotangents)):
-                z_t = teacher_logits[i] if fast else self.teacher(outputs_of(part["teacher"]))
-                surrogate = contract(z_t, w)
-                if beta > 0:
-                    surrogate = surrogate + beta * hard_loss_sum(z_t, part["labels"], self.regression) / n
-                self.teacher.backward(surrogate)
-                teacher_logits[i] = None  # free the graph as soon as it is used
-        metrics = {"pilot_loss": self.student.all_reduce_sum(loss_total), "quiz_loss_before": quiz_loss}
-        return metrics, (kept if fast and keep else None), drawn
+            self._teacher_meta_backward(parts, teacher_logits, cotangents, n, fast)
+        metrics = {"pilot_loss": self.student.all_reduce_sum(forwards.loss), "quiz_loss_before": quiz_loss}
+        return metrics, (forwards.kept if fast and keep else None), forwards.drawn
+
+    def _pilot_step(
+        self, parts: list[Batch], teacher_logits: list, params: Params, theta: Params, n: int, reuse: bool
+    ) -> tuple[Params, _PilotForwards]:
+        """θs' = θs − λ·g with g the student's gradient on `parts` (summed over ranks), and what the later phases
+        reuse of its forwards. `reuse`: these forwards are also the real step's (fast schedule)."""
+        outputs_of = self.objective.inputs  # the inputs that make each model return what the objective reads
+        g = {k: torch.zeros_like(t) for k, t in theta.items()}
+        forwards = _PilotForwards([], [], [], 0.0)
+        for part, z_t in zip(parts, teacher_logits):
+            forwards.drawn.append(ForwardRandomness(mask_replay=not self._checkpointed))
+            # fast: this forward is also the real step's forward (it moves BatchNorm statistics once);
+            # lean: the real step forwards again, so here the buffers are protected.
+            with forwards.drawn[-1].record():
+                z_s = (self.student(outputs_of(part["student"])) if reuse
+                       else self._student_at(params, outputs_of(part["student"])))
+            loss = student_loss_sum(z_s, z_t, part["labels"], self.objective, attention_mask(part["student"])) / n
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=reuse)
+            for k, gk in zip(g, grads):
+                g[k] += gk
+            forwards.loss += loss.item()
+            forwards.student_logits.append(detach_outputs(z_s))
+            if reuse:
+                forwards.kept.append(z_s)
+        self.student.all_reduce_sum_(list(g.values()))
+        # g is not needed past the pilot (it goes when this returns): lean's peak phases come later.
+        return {k: theta[k] - self.meta.pilot_lr * g[k] for k in theta}, forwards
+
+    def _cotangents(
+        self, parts: list[Batch], teacher_logits: list, forwards: _PilotForwards, theta: Params, v: Params, n: int,
+        timer: PhaseTimer
+    ) -> list:
+        """w for each micro-batch, from u = J_s(θs; x)·v (the pilot's dropout masks replayed)."""
+        cotangents = []
+        for part, z_t, z_s, randomness in zip(parts, teacher_logits, forwards.student_logits, forwards.drawn):
+            u = self._tangent(theta, v, self.objective.inputs(part["student"]), randomness)
+            with timer("cotangent"):  # w alone, a part of the tangent phase's time
+                cotangents.append(
+                    teacher_cotangent(z_t, u, z_s, self.objective, self.meta.pilot_lr, n, part["labels"],
+                                      attention_mask(part["student"]))
+                )
+        return cotangents
+
+    def _teacher_meta_backward(
+        self, parts: list[Batch], teacher_logits: list, cotangents: list, n: int, fast: bool
+    ) -> None:
+        """One teacher backward per micro-batch with w (plus β·its own CE): ∇θt of the meta-loss. `lean` forwards
+        the teacher again; `fast` reuses the first phase's graph."""
+        beta = self.meta.teacher_ce_weight
+        for i, (part, w) in enumerate(zip(parts, cotangents)):
+            z_t = teacher_logits[i] if fast else self.teacher(self.objective.inputs(part["teacher"]))
+            surrogate = contract(z_t, w)
+            if beta > 0:
+                surrogate = surrogate + beta * hard_loss_sum(z_t, part["labels"], self.regression) / n
+            self.teacher.backward(surrogate)
+            teacher_logits[i] = None  # free the graph as soon as it is used
 
     def _teacher_grad_unrolled(
         self, parts: list[Batch], quiz: list[Batch], timer: PhaseTimer
