@@ -58,6 +58,20 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def _stages(block: type[nn.Module], channels: int, widths: tuple[int, ...], blocks_per_stage: int
+            ) -> tuple[list[nn.Sequential], int]:
+    """The three stages of a CIFAR ResNet or WRN: `blocks_per_stage` blocks each, the first block of a stage
+    striding (1, 2, 2); returns them and the last stage's width."""
+    stages = []
+    for width, stride in zip(widths, (1, 2, 2)):
+        blocks = []
+        for i in range(blocks_per_stage):
+            blocks.append(block(channels, width, stride if i == 0 else 1))
+            channels = width
+        stages.append(nn.Sequential(*blocks))
+    return stages, channels
+
+
 class CifarResNet(nn.Module):
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -66,14 +80,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = _conv3x3(in_channels, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
-        stages = []
-        channels = widths[0]
-        for width, stride in zip(widths[1:], (1, 2, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(BasicBlock(channels, width, stride if i == 0 else 1))
-                channels = width
-            stages.append(nn.Sequential(*blocks))
+        stages, channels = _stages(BasicBlock, widths[0], widths[1:], n)
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(channels, num_classes)
         _init_weights(self)
@@ -110,14 +117,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {depth}")
         n = (depth - 4) // 6
         self.conv1 = _conv3x3(in_channels, 16)
-        stages = []
-        channels = 16
-        for width, stride in zip((16 * widen_factor, 32 * widen_factor, 64 * widen_factor), (1, 2, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(WideBasicBlock(channels, width, stride if i == 0 else 1))
-                channels = width
-            stages.append(nn.Sequential(*blocks))
+        stages, channels = _stages(WideBasicBlock, 16, (16 * widen_factor, 32 * widen_factor, 64 * widen_factor), n)
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
