@@ -59,44 +59,25 @@ class _GlueSchema:
     validation_split: str  # the hub's name for the labelled evaluation split
 
 
-_GLUE: dict[str, tuple[TaskInfo, _GlueSchema]] = {
-    "cola": (
-        TaskInfo("cola", 2, False, "matthews", ("unacceptable", "acceptable"), False),
-        _GlueSchema("sentence", None, "validation"),
-    ),
-    "sst2": (
-        TaskInfo("sst2", 2, False, "accuracy", ("negative", "positive"), False),
-        _GlueSchema("sentence", None, "validation"),
-    ),
-    "mrpc": (
-        TaskInfo("mrpc", 2, False, "f1", ("not_equivalent", "equivalent"), True),
-        _GlueSchema("sentence1", "sentence2", "validation"),
-    ),
-    "qqp": (
-        TaskInfo("qqp", 2, False, "f1", ("not_duplicate", "duplicate"), True),
-        _GlueSchema("question1", "question2", "validation"),
-    ),
-    "stsb": (
-        TaskInfo("stsb", 1, True, "pearson_spearman", None, True),
-        _GlueSchema("sentence1", "sentence2", "validation"),
-    ),
-    "mnli": (
-        TaskInfo("mnli", 3, False, "accuracy", ("entailment", "neutral", "contradiction"), True),
-        _GlueSchema("premise", "hypothesis", "validation_matched"),
-    ),
-    "qnli": (
-        TaskInfo("qnli", 2, False, "accuracy", ("entailment", "not_entailment"), True),
-        _GlueSchema("question", "sentence", "validation"),
-    ),
-    "rte": (
-        TaskInfo("rte", 2, False, "accuracy", ("entailment", "not_entailment"), True),
-        _GlueSchema("sentence1", "sentence2", "validation"),
-    ),
-    "wnli": (
-        TaskInfo("wnli", 2, False, "accuracy", ("not_entailment", "entailment"), True),
-        _GlueSchema("sentence1", "sentence2", "validation"),
-    ),
-}
+def _glue_task(name: str, metric: str, labels: tuple[str, ...] | None, text_a: str, text_b: str | None = None,
+               validation_split: str = "validation") -> tuple[str, tuple[TaskInfo, _GlueSchema]]:
+    """One GLUE task's entry; no label names means regression (one output), a second column a sentence pair."""
+    info = TaskInfo(name, 1 if labels is None else len(labels), labels is None, metric, labels, text_b is not None)
+    return name, (info, _GlueSchema(text_a, text_b, validation_split))
+
+
+_GLUE: dict[str, tuple[TaskInfo, _GlueSchema]] = dict([
+    _glue_task("cola", "matthews", ("unacceptable", "acceptable"), "sentence"),
+    _glue_task("sst2", "accuracy", ("negative", "positive"), "sentence"),
+    _glue_task("mrpc", "f1", ("not_equivalent", "equivalent"), "sentence1", "sentence2"),
+    _glue_task("qqp", "f1", ("not_duplicate", "duplicate"), "question1", "question2"),
+    _glue_task("stsb", "pearson_spearman", None, "sentence1", "sentence2"),
+    _glue_task("mnli", "accuracy", ("entailment", "neutral", "contradiction"), "premise", "hypothesis",
+               "validation_matched"),
+    _glue_task("qnli", "accuracy", ("entailment", "not_entailment"), "question", "sentence"),
+    _glue_task("rte", "accuracy", ("entailment", "not_entailment"), "sentence1", "sentence2"),
+    _glue_task("wnli", "accuracy", ("not_entailment", "entailment"), "sentence1", "sentence2"),
+])
 
 ROTTEN_TOMATOES = TaskInfo("rotten_tomatoes", 2, False, "accuracy", ("rotten", "fresh"), False)
 _RT_LABELS = {"rotten": 0, "fresh": 1}
@@ -136,51 +117,13 @@ def load_text_task(
     train split, so a truncated run keeps the quiz a full-sized run would have.
     """
     name = task.strip().lower()
-    for field, value in (("dev_fraction", dev_fraction), ("test_fraction", test_fraction),
-                         ("quiz_fraction", quiz_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise DataError(f"{field} must be in [0, 1), got {value!r}")
-    for field, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"{field} must be a positive int or None, got {value!r}")
-
+    _check_split_arguments(dev_fraction, test_fraction, quiz_fraction, max_train_examples, max_eval_examples)
     rng = np.random.default_rng(split_seed)
     if name == "rotten_tomatoes":
-        if data_files is not None:
-            raise DataError("rotten_tomatoes is embedded and takes no data_files; pass a GLUE task name instead")
-        if dev_fraction + test_fraction >= 1.0:
-            raise DataError(f"dev_fraction + test_fraction must be < 1, got {dev_fraction} + {test_fraction}")
-        info = ROTTEN_TOMATOES
-        frame = _read_rotten_tomatoes()
-        order = rng.permutation(len(frame))
-        n_test = round(len(frame) * test_fraction)
-        n_dev = round(len(frame) * dev_fraction)
-        test = frame.iloc[order[:n_test]]
-        dev = frame.iloc[order[n_test:n_test + n_dev]]
-        train = frame.iloc[order[n_test + n_dev:]]
+        info, (train, dev, test) = ROTTEN_TOMATOES, _split_rotten_tomatoes(data_files, rng, dev_fraction,
+                                                                          test_fraction)
     elif name in _GLUE:
-        info, schema = _GLUE[name]
-        sources = _read_local(data_files, name, schema) if data_files is not None else _read_hub(name, schema)
-        parts = {split: _normalise(raw, where, info, schema, allow_hidden=split == "test")
-                 for split, (raw, where) in sources.items()}
-        if "test" in parts and (parts["test"]["label"] == HIDDEN_LABEL).all():
-            if "validation" not in parts:
-                raise DataError(f"{sources['test'][1]}: labels are hidden (all {HIDDEN_LABEL}) and no "
-                                "validation split was given to test on")
-            warnings.warn(f"{sources['test'][1]}: labels are hidden; testing on the validation split", stacklevel=2)
-            del parts["test"]
-        if "test" in parts:
-            _reject_hidden(parts["test"], sources["test"][1], info)
-            test = parts["test"]
-        else:
-            test = parts["validation"]
-        full_train = parts["train"]
-        order = rng.permutation(len(full_train))
-        n_dev = round(len(full_train) * dev_fraction)
-        dev = full_train.iloc[order[:n_dev]]
-        train = full_train.iloc[order[n_dev:]]
-        # Shuffle test too, so max_eval_examples takes a random subset rather than the file's head.
-        test = test.iloc[rng.permutation(len(test))]
+        info, (train, dev, test) = _GLUE[name][0], _split_glue(name, data_files, rng, dev_fraction)
     else:
         raise DataError(f"unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
 
@@ -193,18 +136,75 @@ def load_text_task(
         train = train.iloc[:max_train_examples]
     if max_eval_examples is not None:
         dev, test = dev.iloc[:max_eval_examples], test.iloc[:max_eval_examples]
+    return _dataset_dict({"train": train, "quiz": quiz, "dev": dev, "test": test}, info), info
 
+
+def _check_split_arguments(dev_fraction: float, test_fraction: float, quiz_fraction: float,
+                           max_train_examples: int | None, max_eval_examples: int | None) -> None:
+    for field, value in (("dev_fraction", dev_fraction), ("test_fraction", test_fraction),
+                         ("quiz_fraction", quiz_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"{field} must be in [0, 1), got {value!r}")
+    for field, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{field} must be a positive int or None, got {value!r}")
+
+
+Frames = tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]  # train, dev, test
+
+
+def _split_rotten_tomatoes(data_files: dict[str, str] | None, rng: np.random.Generator, dev_fraction: float,
+                           test_fraction: float) -> Frames:
+    """The embedded corpus, shuffled once: test, then dev, then train."""
+    if data_files is not None:
+        raise DataError("rotten_tomatoes is embedded and takes no data_files; pass a GLUE task name instead")
+    if dev_fraction + test_fraction >= 1.0:
+        raise DataError(f"dev_fraction + test_fraction must be < 1, got {dev_fraction} + {test_fraction}")
+    frame = _read_rotten_tomatoes()
+    order = rng.permutation(len(frame))
+    n_test = round(len(frame) * test_fraction)
+    n_dev = round(len(frame) * dev_fraction)
+    test = frame.iloc[order[:n_test]]
+    dev = frame.iloc[order[n_test:n_test + n_dev]]
+    return frame.iloc[order[n_test + n_dev:]], dev, test
+
+
+def _split_glue(name: str, data_files: dict[str, str] | None, rng: np.random.Generator,
+                dev_fraction: float) -> Frames:
+    """Dev carved from GLUE train; test is the labelled test file when given, else GLUE validation."""
+    info, schema = _GLUE[name]
+    sources = _read_local(data_files, name, schema) if data_files is not None else _read_hub(name, schema)
+    parts = {split: _normalise(raw, where, info, schema, allow_hidden=split == "test")
+             for split, (raw, where) in sources.items()}
+    if "test" in parts and (parts["test"]["label"] == HIDDEN_LABEL).all():
+        if "validation" not in parts:
+            raise DataError(f"{sources['test'][1]}: labels are hidden (all {HIDDEN_LABEL}) and no "
+                            "validation split was given to test on")
+        warnings.warn(f"{sources['test'][1]}: labels are hidden; testing on the validation split", stacklevel=3)
+        del parts["test"]
+    if "test" in parts:
+        _reject_hidden(parts["test"], sources["test"][1], info)
+        test = parts["test"]
+    else:
+        test = parts["validation"]
+    full_train = parts["train"]
+    order = rng.permutation(len(full_train))
+    n_dev = round(len(full_train) * dev_fraction)
+    # Shuffle test too, so max_eval_examples takes a random subset rather than the file's head.
+    return full_train.iloc[order[n_dev:]], full_train.iloc[order[:n_dev]], test.iloc[rng.permutation(len(test))]
+
+
+def _dataset_dict(splits: dict[str, pd.DataFrame], info: TaskInfo) -> datasets.DatasetDict:
     features = datasets.Features({
         "text_a": datasets.Value("string"),
         "text_b": datasets.Value("string"),
         "label": datasets.Value("float32" if info.is_regression else "int64"),
     })
-    splits = {"train": train, "quiz": quiz, "dev": dev, "test": test}
     return datasets.DatasetDict({
         split: datasets.Dataset.from_dict(
             {column: frame[column].tolist() for column in ("text_a", "text_b", "label")}, features=features)
         for split, frame in splits.items()
-    }), info
+    })
 
 
 # ----------------------------------------------------------------------------------------------------------
