@@ -465,7 +465,9 @@ def validate_meta(m: MetaConfig, key: str = "meta") -> None:
     validate_optim(m.teacher_optim, f"{key}.teacher_optim")
 
 
-def validate(c: Config) -> None:
+def validate_run(c: Any) -> None:
+    """The run-level keys of either config kind (classification or causal LM): methods, seeds, device, CPU
+    allocator, dtype and the evaluation and logging cadences."""
     require(len(c.methods) > 0, "methods", "at least one method", c.methods)
     for i, m in enumerate(c.methods):
         require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
@@ -477,6 +479,10 @@ def validate(c: Config) -> None:
     require(c.dtype in DTYPES, "dtype", f"one of {DTYPES}", c.dtype)
     for key in ("eval_batch_size", "eval_every", "log_every"):
         require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
+
+
+def validate(c: Config) -> None:
+    validate_run(c)
     d = c.data
     for key in ("dev_fraction", "test_fraction", "quiz_fraction"):
         require(0 < getattr(d, key) < 1, f"data.{key}", "in (0, 1)", getattr(d, key))

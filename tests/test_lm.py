@@ -413,6 +413,19 @@ def test_lm_train_cli_runs_each_method_and_refuses_a_foreign_tokenizer(tmp_path,
     assert "teacher and student tokenizers differ" in capsys.readouterr().err
 
 
+def test_lm_config_shares_the_run_level_checks_of_the_classification_config():
+    """The run-level keys are checked by one function for both config kinds: a repeated method (which would
+    train twice into the same folder) is refused for an LM run as for a classification run."""
+    from metadistil_scale.config import ConfigError, load_config
+    from metadistil_scale.lm.recipe import load_lm_config
+
+    for load in (load_config, load_lm_config):
+        with pytest.raises(ConfigError, match=r"^methods: expected no repeated method, got \['kd', 'kd'\]$"):
+            load(None, ["methods=[kd, kd]"])
+        with pytest.raises(ConfigError, match=r"^dtype: expected one of \('float32', 'float64', 'bfloat16'\)"):
+            load(None, ["dtype=float16"])
+
+
 def test_teacher_lr_schedule_spans_its_updates(tmp_path, monkeypatch):
     """With meta.interval=4 the teacher steps every 4th step after frozen_steps: its linear schedule (no
     warmup) is sized by those updates, so its lr reaches 0 with the last one."""
@@ -553,3 +566,4 @@ def test_lm_teacher_fine_tuning_stage_resumes_exactly_and_teaches_the_methods(tm
     kd_students = [load_checkpoint(tmp_path / run / "kd" / "last.pt")["student"]["model"]
                    for run in ("full", "pretrained_teacher")]
     assert any(not torch.equal(kd_students[0][k], kd_students[1][k]) for k in kd_students[0])  # another teacher
+

@@ -27,8 +27,6 @@ from metadistil_scale.backends import dist, make_model
 from metadistil_scale.backends.checkpointing import StageCheckpoint
 from metadistil_scale.checkpoint import atomic_dir, atomic_write_text, seed_everything
 from metadistil_scale.config import (
-    CPU_ALLOCATORS,
-    METHODS,
     DistillConfig,
     MetaConfig,
     OptimConfig,
@@ -39,6 +37,7 @@ from metadistil_scale.config import (
     validate_deepspeed,
     validate_distill,
     validate_meta,
+    validate_run,
     validate_stage,
 )
 from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
@@ -126,16 +125,7 @@ def load_lm_config(path: str | Path | None = None, overrides: list[str] | None =
 
 
 def validate_lm(c: LMConfig) -> None:
-    require(len(c.methods) > 0, "methods", "at least one method", c.methods)
-    for i, m in enumerate(c.methods):
-        require(m in METHODS, f"methods[{i}]", f"one of {METHODS}", m)
-    require(len(c.seeds) > 0 and len(set(c.seeds)) == len(c.seeds), "seeds", "a non-empty list of distinct seeds",
-            c.seeds)
-    require(c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", c.device)
-    require(c.cpu_allocator in CPU_ALLOCATORS, "cpu_allocator", f"one of {CPU_ALLOCATORS}", c.cpu_allocator)
-    require(c.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", c.dtype)
-    for key in ("eval_batch_size", "log_every", "eval_every"):
-        require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
+    validate_run(c)
     d = c.data
     require(d.seq_len >= 2, "data.seq_len", ">= 2", d.seq_len)
     for key in ("quiz_fraction", "heldout_fraction"):
