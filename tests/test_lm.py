@@ -567,3 +567,33 @@ def test_lm_teacher_fine_tuning_stage_resumes_exactly_and_teaches_the_methods(tm
                    for run in ("full", "pretrained_teacher")]
     assert any(not torch.equal(kd_students[0][k], kd_students[1][k]) for k in kd_students[0])  # another teacher
 
+
+def test_run_lm_reports_every_stage_checkpoint_to_its_hook(tmp_path):
+    """run_lm hands each completed stage checkpoint (the teacher's stage and each method's) to `on_checkpoint`,
+    the hook a launcher's fault tolerance uses (launch/ray_job.py), as trainer.train does."""
+    from metadistil_scale.backends.checkpointing import checkpoint_step
+    from metadistil_scale.lm.recipe import load_lm_config, run_lm
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    corpus = tiny_corpus(tmp_path / "corpus.txt", words)
+    out = tmp_path / "run"
+    cfg = load_lm_config(None, [
+        f"output_dir={out}", f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16",
+        "data.quiz_fraction=0.1", "data.heldout_fraction=0.1", "student_train.batch_size=2",
+        "student_train.max_steps=3", "meta.quiz_batch_size=2", "model.chunk_rows=5", "model.student_layers=[1]",
+        "eval_batch_size=4", "eval_every=2", "methods=[kd, metadistil]", "model.finetune_teacher=true",
+        "teacher_finetune.batch_size=2", "teacher_finetune.max_steps=2"])
+    reported = []
+
+    def hook(stage: str, path, record: dict) -> None:
+        # Called once the checkpoint is complete: it holds the reported step.
+        reported.append((stage, path, record["step"], checkpoint_step(path), record["steps"]))
+        assert math.isfinite(record["heldout_perplexity"])
+
+    results = run_lm(cfg, on_checkpoint=hook)
+    assert reported == [("teacher", out / "teacher" / "last.pt", 2, 2, 2),
+                        ("kd", out / "kd" / "last.pt", 2, 2, 3), ("kd", out / "kd" / "last.pt", 3, 3, 3),
+                        ("metadistil", out / "metadistil" / "last.pt", 2, 2, 3),
+                        ("metadistil", out / "metadistil" / "last.pt", 3, 3, 3)]
+    assert [r["method"] for r in results["rows"]] == ["-", "initial", "finetune", "kd", "metadistil"]

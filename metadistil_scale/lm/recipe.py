@@ -52,7 +52,7 @@ from metadistil_scale.lm.models import (
     select_layers,
     student_from_layers,
 )
-from metadistil_scale.loop import BatchStream, Evaluation, StageRun, run_stage_loop, to_device
+from metadistil_scale.loop import BatchStream, CheckpointHook, Evaluation, StageRun, run_stage_loop, to_device
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import StepContext, get_method
 from metadistil_scale.objectives import require_logit_terms
@@ -119,7 +119,12 @@ class LMConfig:
 
 
 def load_lm_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LMConfig:
-    config = _build(LMConfig, read_raw_config(path, overrides))
+    return lm_config_from_dict(read_raw_config(path, overrides))
+
+
+def lm_config_from_dict(raw: dict[str, Any]) -> LMConfig:
+    """The validated config of a raw mapping (a recipe with its overrides, or a resolved config sent to workers)."""
+    config = _build(LMConfig, raw)
     validate_lm(config)
     return config
 
@@ -218,10 +223,12 @@ def train_method(
     resume: bool = False,
     stop_after: int | None = None,
     tokenizer: Any = None,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> dict[str, Any]:
     """Train a fresh copy of the student with `method` through the stage loop (loop.py: checkpoints in
-    `out_dir`, resume, stop-after, metrics.jsonl); returns the final student's held-out metrics and timings.
-    With a `tokenizer` the final student is also saved as a `save_pretrained` folder, `out_dir/student`."""
+    `out_dir`, resume, stop-after, metrics.jsonl, `on_checkpoint` after each checkpoint); returns the final
+    student's held-out metrics and timings. With a `tokenizer` the final student is also saved as a
+    `save_pretrained` folder, `out_dir/student`."""
     seed_everything(cfg.seed)
     algorithm = get_method(method)
     stage = cfg.student_train
@@ -236,7 +243,7 @@ def train_method(
                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
                    StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models), out_dir / "metrics.jsonl")
-    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after)
+    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     if tokenizer is not None:
         with ctx.student.gathered():  # every rank gathers, rank 0 writes
             if dist.is_main():
@@ -305,7 +312,7 @@ def stage_steps(stage: StageConfig, n_train: int) -> int:
 
 
 def fine_tune_lm_teacher(cfg: LMConfig, job: LMJob, out_dir: Path, *, resume: bool = False,
-                         stop_after: int | None = None) -> dict[str, Any]:
+                         stop_after: int | None = None, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """The optional teacher stage (model.finetune_teacher): `finetune` of the teacher on the train split's next
     tokens, in the stage loop like any method (`out_dir`: last.pt, metrics.jsonl). job.teacher then holds the
     fine-tuned weights, which every method starts from; returns the stage's row of the table."""
@@ -327,7 +334,7 @@ def fine_tune_lm_teacher(cfg: LMConfig, job: LMJob, out_dir: Path, *, resume: bo
                                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
                    StageCheckpoint(out_dir, fingerprint, {"teacher": teacher}), out_dir / "metrics.jsonl")
-    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after)
+    state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     with teacher.gathered():  # whole weights on every rank, also under ZeRO-3
         job.teacher.load_state_dict({k: v.detach().clone() for k, v in teacher.module.lm.state_dict().items()})
     return {"model": "teacher", "method": "finetune", "steps": steps, "train_time_s": state["wall_time_s"],
@@ -383,10 +390,12 @@ def prepare_lm(cfg: LMConfig) -> LMJob:
     return LMJob(device, teacher, student, tokenizer, splits, sizes)
 
 
-def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None,
+           on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """Every method's student in `output_dir/<method>/` (checkpoints, metrics.jsonl, the final `student/`),
     the table in results.json and results.md. `resume` continues each method from its last checkpoint;
-    `stop_after` checkpoints and raises StopRequested once a method's stage reaches that step."""
+    `stop_after` checkpoints and raises StopRequested once a method's stage reaches that step; `on_checkpoint`
+    is called after every stage checkpoint (a launcher's fault tolerance, as for trainer.train)."""
     started = time.perf_counter()
     job = prepare_lm(cfg)
     out, device, heldout = Path(cfg.output_dir), job.device, job.splits["heldout"]
@@ -395,11 +404,12 @@ def run_lm(cfg: LMConfig, *, resume: bool = False, stop_after: int | None = None
             {"model": "student", "method": "initial", "steps": 0,
              "heldout": evaluate_lm(wrap(job.student, cfg), heldout, cfg.eval_batch_size, device)}]
     if cfg.model.finetune_teacher:
-        rows.append(fine_tune_lm_teacher(cfg, job, out / "teacher", resume=resume, stop_after=stop_after))
+        rows.append(fine_tune_lm_teacher(cfg, job, out / "teacher", resume=resume, stop_after=stop_after,
+                                         on_checkpoint=on_checkpoint))
     for method in cfg.methods:
         rows.append({"model": "student", **train_method(method, cfg, job.teacher, job.student, job.splits, device,
                                                          out / method, resume=resume, stop_after=stop_after,
-                                                         tokenizer=job.tokenizer)})
+                                                         tokenizer=job.tokenizer, on_checkpoint=on_checkpoint)})
     results = {
         "teacher": cfg.model.teacher, "data": cfg.data.source, "seed": cfg.seed, "splits": job.sizes,
         "student_parameters": sum(p.numel() for p in job.student.parameters()),
