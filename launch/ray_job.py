@@ -9,18 +9,20 @@ The driver (this module's `main`, run by the job) validates everything it can be
 creates no folder until every check has passed: the arguments, the config, the storage path, the cluster's
 address and whether the cluster holds the workers asked for. Then a Ray Train TorchTrainer places
 `--num-workers` workers (one GPU each with `--use-gpu`); Ray Train sets up their process group, and every
-worker runs `metadistil_scale.trainer.train` — the teacher's fine-tuning, then each method, with both models
-behind DeepSpeed engines when the config names DeepSpeed configs.
+worker runs the job's trainer with both models behind DeepSpeed engines when the config names DeepSpeed configs:
+`metadistil_scale.trainer.train` for a classification recipe (the teacher's fine-tuning, then each method), or
+`metadistil_scale.lm.recipe.run_lm` for a causal-LM one (configs/lm_*.yaml: each method's LM student). The
+recipe's keys say which (`--task` names it instead).
 
-Fault tolerance. Each time the trainer completes a stage checkpoint (`<output>/<stage>/last`, at every
-evaluation and at the end of a stage) the workers report it through `ray.train.report`: rank 0 copies it into
-the run's storage (`<storage-path>/<name>/checkpoint_*`), with the step's metrics. When a worker is lost, Ray
-Train restarts the whole worker group (up to `--max-failures` times); the new workers take the latest reported
-checkpoint, put it back into the run folder unless the folder already holds that step or a later one, and
-resume the trainer from it — so a failure costs the work since the last checkpoint plus a restart. The final
-report carries `results.json`, `config.yaml` and each method's final student, and its metrics (the results
-table) reach the driver, which prints them. Resubmitting with the same `--name` and `--storage-path`
-continues a stopped run.
+Fault tolerance. Each time the trainer (either task's: both train in the stage loop) completes a stage
+checkpoint (`<output>/<stage>/last`, at every evaluation and at the end of a stage) the workers report it through
+`ray.train.report`: rank 0 copies it into the run's storage (`<storage-path>/<name>/checkpoint_*`), with the
+step's metrics. When a worker is lost, Ray Train restarts the whole worker group (up to `--max-failures`
+times); the new workers take the latest reported checkpoint, put it back into the run folder unless the folder
+already holds that step or a later one, and resume the trainer from it — so a failure costs the work since the
+last checkpoint plus a restart. The final report carries `results.json`, `config.yaml` and each method's final
+student, and its metrics (the results table) reach the driver, which prints them. Resubmitting with the same
+`--name` and `--storage-path` continues a stopped run.
 
 The run folder (`output_dir`) must be one that every worker sees (a shared file system on a multi-node
 cluster), exactly as for the deepspeed launcher. A relative `output_dir` (the default's `runs/default`) would
@@ -49,7 +51,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,71 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 class LaunchError(RuntimeError):
     """A problem with the cluster, the resources or the storage, found before training starts."""
+
+
+# ---------------------------------------------------------------- the two kinds of run
+
+
+TASKS = ("classification", "lm")  # metadistil-scale train | metadistil-scale lm-train
+TASK_NAMES = {"classification": "classification", "lm": "causal-LM"}  # in messages
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """How the driver and the workers load, check, run and report one kind of run. The functions import their
+    modules when called: a worker sets DS_ACCELERATOR before DeepSpeed is imported."""
+
+    config_class: Callable[[], type]
+    config_from_dict: Callable[[dict[str, Any]], Any]  # validated
+    check_ranks: Callable[[Any, int], None]  # batches that do not split over the workers
+    run: Callable[..., dict[str, Any]]  # (cfg, *, resume, on_checkpoint) -> results
+    print_results: Callable[[dict[str, Any]], None]
+
+
+def _classification() -> JobKind:
+    from metadistil_scale.backends import check_distributed
+    from metadistil_scale.cli import print_table
+    from metadistil_scale.config import Config, config_from_dict
+
+    def run(cfg: Any, **kwargs: Any) -> dict[str, Any]:
+        from metadistil_scale.trainer import train
+
+        return train(cfg, **kwargs)
+
+    return JobKind(lambda: Config, config_from_dict, check_distributed, run, print_table)
+
+
+def _lm() -> JobKind:
+    from metadistil_scale.lm import recipe
+
+    return JobKind(lambda: recipe.LMConfig, recipe.lm_config_from_dict, recipe.check_lm_distributed, recipe.run_lm,
+                   lambda results: print(recipe.results_markdown(results)))
+
+
+def job_kind(task: str) -> JobKind:
+    return {"classification": _classification, "lm": _lm}[task]()
+
+
+def resolve_task(requested: str, raw: dict[str, Any], recipe: str) -> str:
+    """The task to run: --task, or with `auto` the kind whose config knows every key of the recipe (the
+    classification task when both or neither do, as `metadistil-scale train`). A --task whose config does not
+    know the recipe's keys while the other kind's does is refused, naming the key."""
+    from metadistil_scale.config import ConfigError, _build
+
+    refusals = {}
+    for task in TASKS:
+        try:
+            _build(job_kind(task).config_class(), raw)
+        except ConfigError as err:
+            refusals[task] = str(err).split(" (known:")[0]
+    fitting = [task for task in TASKS if task not in refusals]
+    if requested == "auto":
+        return fitting[0] if len(fitting) == 1 else "classification"
+    if fitting and requested not in fitting:
+        raise LaunchError(f"--task {requested} does not fit {recipe}: {refusals[requested]} for a "
+                          f"{TASK_NAMES[requested]} run; it is a {TASK_NAMES[fitting[0]]} recipe: pass --task "
+                          f"{fitting[0]} or leave --task out")
+    return requested
 
 
 # ---------------------------------------------------------------- arguments
@@ -87,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "run (default: metadistil-<date>-<time>)")
     ray_args.add_argument("--max-failures", type=int, default=3,
                           help="worker-group failures to recover from, -1 for no limit (default 3)")
+    ray_args.add_argument("--task", choices=("auto", *TASKS), default="auto",
+                          help="what the workers run: `classification` (as `metadistil-scale train`) or `lm` (as "
+                               "`metadistil-scale lm-train`); default: the recipe's kind, so a causal-LM recipe "
+                               "(configs/lm_*.yaml) runs as lm")
     ray_args.add_argument("--resume", action="store_true",
                           help="resume the trainer's own checkpoints in the run folder when Ray has none")
     ray_args.add_argument("--address", help="the cluster's address (host:port of its GCS, or 'auto'); under "
@@ -286,8 +357,6 @@ def train_worker(loop: dict[str, Any], reporter_class: type[Reporter] | None = N
     from transformers.utils import logging as hf_logging
 
     from metadistil_scale.backends import dist
-    from metadistil_scale.config import config_from_dict
-    from metadistil_scale.trainer import train
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -299,7 +368,8 @@ def train_worker(loop: dict[str, Any], reporter_class: type[Reporter] | None = N
         # The trainer and DeepSpeed put a rank on cuda:LOCAL_RANK: make that the GPU Ray gave this worker (Ray
         # has made it the current device).
         os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
-    cfg = config_from_dict(loop["config"])
+    kind = job_kind(loop["task"])
+    cfg = kind.config_from_dict(loop["config"])
     out = Path(cfg.output_dir)
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -321,7 +391,7 @@ def train_worker(loop: dict[str, Any], reporter_class: type[Reporter] | None = N
         marker.write_text(loop["name"] + "\n")
     resume = dist.broadcast_object(resume)
     reporter = (reporter_class or Reporter)(out, rank, context.get_world_size())
-    results = train(cfg, resume=resume, on_checkpoint=reporter)
+    results = kind.run(cfg, resume=resume, on_checkpoint=reporter)
     reporter.final(results, cfg.methods)
 
 
@@ -405,69 +475,100 @@ def main(argv: list[str] | None = None, worker: Callable[[dict[str, Any]], None]
     """The driver; `worker` replaces train_worker (a function importable by its module's name)."""
     sys.stdout.reconfigure(line_buffering=True)  # a job's log is a pipe: show progress as it happens
     args = build_parser().parse_args(argv)
-    from metadistil_scale.backends import check_distributed
-    from metadistil_scale.cli import config_from_args, print_table
-    from metadistil_scale.config import ConfigError, config_to_dict
+    from metadistil_scale.config import ConfigError
 
     try:
-        check_args(args)
-        cfg = config_from_args(args)
-        check_distributed(cfg, args.num_workers)  # batch sizes that do not split over the workers
-        name = args.name or time.strftime("metadistil-%Y%m%d-%H%M%S")
-        storage = resolve_storage(args.storage_path)
-        cfg = replace(cfg, output_dir=resolve_output_dir(cfg.output_dir, storage, name))
-        check_creatable(storage, "--storage-path")
-        check_creatable(cfg.output_dir, "the run folder (output_dir)")
-        connect(args.address, args.connect_timeout)
-        per_worker = worker_resources(args.use_gpu, args.cpus_per_worker)
-        if not args.wait_for_resources:
-            check_resources(args.num_workers, per_worker)
-        check_writable(storage, "--storage-path")
-        check_writable(cfg.output_dir, "the run folder (output_dir)")
+        job = prepare_job(args)
     except (ConfigError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    trainer = make_trainer(job, args, worker)
+    print(f"[ray] run {job.name}: {args.num_workers} workers of {job.per_worker}; checkpoints in "
+          f"{job.storage}/{job.name}; run folder {job.cfg.output_dir}")
+    started = time.perf_counter()
+    import ray.train
 
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        print(f"error: the run failed (max failures {args.max_failures}): {err}", file=sys.stderr)
+        return 1
+    return report_result(job, result, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked run, ready for the workers."""
+
+    task: str
+    cfg: Any  # the task's config, its output_dir resolved
+    name: str
+    storage: str
+    per_worker: dict[str, float]
+
+
+def prepare_job(args: argparse.Namespace) -> Job:
+    """Every check that can come before a worker starts, in an order that creates no folder until the others
+    have passed: the arguments, the config, the storage path, the cluster and its resources."""
+    from metadistil_scale.cli import _overrides
+    from metadistil_scale.config import read_raw_config
+
+    check_args(args)
+    raw = read_raw_config(args.config, _overrides(args))
+    task = resolve_task(args.task, raw, f"the recipe {args.config}" if args.config else "the --set overrides")
+    kind = job_kind(task)
+    cfg = kind.config_from_dict(raw)
+    kind.check_ranks(cfg, args.num_workers)
+    name = args.name or time.strftime("metadistil-%Y%m%d-%H%M%S")
+    storage = resolve_storage(args.storage_path)
+    cfg = replace(cfg, output_dir=resolve_output_dir(cfg.output_dir, storage, name))
+    check_creatable(storage, "--storage-path")
+    check_creatable(cfg.output_dir, "the run folder (output_dir)")
+    connect(args.address, args.connect_timeout)
+    per_worker = worker_resources(args.use_gpu, args.cpus_per_worker)
+    if not args.wait_for_resources:
+        check_resources(args.num_workers, per_worker)
+    check_writable(storage, "--storage-path")
+    check_writable(cfg.output_dir, "the run folder (output_dir)")
+    return Job(task, cfg, name, storage, per_worker)
+
+
+def make_trainer(job: Job, args: argparse.Namespace, worker: Callable[[dict[str, Any]], None] | None):
+    """A Ray Train TorchTrainer whose workers run `worker` (default train_worker) on the job's config."""
     # The worker function by its module's name (not __main__'s), so that workers import it rather than
     # unpickle a copy.
     import ray.train
     from metadistil_scale.launch.ray_job import train_worker
     from ray.train.torch import TorchTrainer
 
-    worker_fn = worker or train_worker
-
     # Workers stay in the job's working directory (Ray Train would move them to a per-run folder), so relative
     # paths in the config (ds_configs/..., configs/...) mean on every node what they mean here.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config={"config": config_to_dict(cfg), "resume": args.resume, "use_gpu": args.use_gpu,
-                           "name": name},
+    return TorchTrainer(
+        worker or train_worker,
+        train_loop_config={"task": job.task, "config": asdict(job.cfg), "resume": args.resume,
+                           "use_gpu": args.use_gpu, "name": job.name},
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                               resources_per_worker=per_worker),
+                                               resources_per_worker=job.per_worker),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=job.name, storage_path=job.storage,
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),  # each holds a full stage checkpoint
         ),
     )
-    print(f"[ray] run {name}: {args.num_workers} workers of {per_worker}; checkpoints in {storage}/{name}; "
-          f"run folder {cfg.output_dir}")
-    started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        print(f"error: the run failed (max failures {args.max_failures}): {err}", file=sys.stderr)
-        return 1
+
+
+def report_result(job: Job, result: Any, seconds: float) -> int:
+    """Print the results table the workers reported and where the outputs are; 1 when none came back."""
     results = (result.metrics or {}).get("results")
     if results is None:
         print("error: the run ended without reporting its results", file=sys.stderr)
         return 1
-    print_table(results)
-    print(f"[ray] finished in {time.perf_counter() - started:.1f} s")
-    print(f"results: {Path(cfg.output_dir) / 'results.json'}")
-    for method in cfg.methods:
-        print(f"final student ({method}): {Path(cfg.output_dir) / method / 'student'}")
+    job_kind(job.task).print_results(results)
+    print(f"[ray] finished in {seconds:.1f} s")
+    print(f"results: {Path(job.cfg.output_dir) / 'results.json'}")
+    for method in job.cfg.methods:
+        print(f"final student ({method}): {Path(job.cfg.output_dir) / method / 'student'}")
     if result.checkpoint is not None:
         print(f"final Ray checkpoint (results.json, config.yaml, students): {result.checkpoint.path}")
     return 0

@@ -7,6 +7,9 @@ DeepSpeed ZeRO-2:
   - a job whose last worker kills itself (SIGKILL) right after the first checkpoint (tests/_ray_faults.py): Ray
     Train restarts the worker group, the new workers resume from that checkpoint, and the run ends with the
     first job's parameters.
+The same two jobs run a tiny causal-LM MetaDistil recipe (`lm-train`'s path, chosen from the recipe's keys): the
+uninterrupted one ends with the student of the same recipe in one process, the one with a lost worker with the
+uninterrupted one's.
 And the errors a user meets before any worker starts, each one line with exit status 2 and no folder created:
 no cluster at the address, the dashboard's port or a silent port given as the cluster's address, bad numbers,
 more workers than the cluster holds, a storage path that cannot be written or is relative inside a job; and a
@@ -190,15 +193,16 @@ def recipe(models: Path) -> list[str]:
 
 def submit(cluster: Cluster, name: str, env_vars: dict[str, str] | None = None, *,
            entry: str = "metadistil_scale.launch.ray_job", storage: str | None = None,
-           succeed: bool = True) -> tuple[str, float]:
-    """`ray job submit` a 2-worker ZeRO-2 run; returns its output (driver and workers) and wall time."""
+           succeed: bool = True, settings: list[str] | None = None) -> tuple[str, float]:
+    """`ray job submit` a 2-worker ZeRO-2 run of `settings` (default: the tiny classification recipe); returns its
+    output (driver and workers) and wall time."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
            "--submission-id", name]
     if env_vars:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
     cmd += ["--", "python", "-m", entry, "--num-workers", "2", "--storage-path", storage or str(cluster.storage),
             "--name", name, "--max-failures", "2", *ZERO2]
-    for override in recipe(cluster.models):
+    for override in recipe(cluster.models) if settings is None else settings:
         cmd += ["--set", override]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600)
@@ -300,7 +304,9 @@ def test_a_lost_worker_resumes_from_the_last_checkpoint(cluster: Cluster, uninte
 
 
 def _rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_time_s"}
+    """The results table without its timings."""
+    timings = ("wall_time_s", "train_time_s", "step_time_s")
+    return [{k: v for k, v in row.items() if k not in timings}
             for row in json.loads((run / "results.json").read_text())["rows"]]
 
 
@@ -308,6 +314,88 @@ def checkpoint_gap(output: str) -> float:
     """Seconds between the reports of the first and the last stage checkpoint of a job (rank 0 logs each)."""
     times = re.findall(r"\[ray\] reported metadistil step \d+ at (\S+)", output)
     return (datetime.fromisoformat(times[-1]) - datetime.fromisoformat(times[0])).total_seconds()
+
+
+# ---------------------------------------------------------------- the causal-LM jobs
+
+
+@pytest.fixture(scope="module")
+def lm_recipe(cluster: Cluster) -> list[str]:
+    """A tiny causal-LM MetaDistil recipe as --set overrides: a 2-layer Llama teacher (no dropout) with a word
+    tokenizer, its layer 1 as the student, a 40-document corpus. The keys are an LM config's: the job takes the
+    LM path without --task."""
+    from test_lm import VOCAB, save_tiny, tiny_corpus, tiny_llama, word_tokenizer
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    folder = cluster.models / "lm"
+    teacher = save_tiny(folder / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    corpus = tiny_corpus(folder / "corpus.txt", words)
+    return [f"model.teacher={teacher}", f"data.source={corpus}", "data.seq_len=16", "data.quiz_fraction=0.1",
+            "data.heldout_fraction=0.1", "student_train.batch_size=4", f"student_train.max_steps={STEPS}",
+            "meta.quiz_batch_size=2", "model.chunk_rows=5", "model.student_layers=[1]", "eval_batch_size=4",
+            f"eval_every={EVAL_EVERY}", "log_every=1", "methods=[metadistil]", "meta.teacher_optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def lm_uninterrupted(cluster: Cluster, lm_recipe: list[str]) -> tuple[str, Path]:
+    output, wall = submit(cluster, "lm-uninterrupted", settings=lm_recipe)
+    TIMINGS["LM job"] = wall
+    return output, cluster.storage / "lm-uninterrupted" / "output"
+
+
+def lm_student(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "metadistil" / "student" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_lm_job_matches_one_process(cluster: Cluster, lm_recipe: list[str], lm_uninterrupted: tuple[str, Path],
+                                    tmp_path: Path) -> None:
+    from metadistil_scale.lm.recipe import load_lm_config, run_lm
+
+    output, run = lm_uninterrupted
+    assert "[ray] finished in" in output and "| student | metadistil | 4 |" in output  # the LM table, printed
+    assert (run / "metadistil" / "last" / "latest").is_file()  # the workers' ZeRO-2 checkpoint
+    reported = re.findall(r"\[ray\] reported (metadistil step \d+)", output)
+    assert reported == [f"metadistil step {s}" for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)]
+    final = Path(output.split("final Ray checkpoint (results.json, config.yaml, students): ")[1].split()[0])
+    assert json.loads((final / "results.json").read_text()) == json.loads((run / "results.json").read_text())
+    assert (final / "metadistil" / "student" / "model.safetensors").is_file()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_lm(load_lm_config(None, [f"output_dir={tmp_path / 'one'}", *lm_recipe]))
+    finally:
+        torch.set_num_threads(threads)
+    got, want = lm_student(run), lm_student(tmp_path / "one")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    ERRORS["LM: 2 workers vs one process"] = relative_error(got, want)
+    rows, one = _rows(run), _rows(tmp_path / "one")
+    assert [row["method"] for row in rows] == ["-", "initial", "metadistil"]
+    for key in ("heldout", "teacher_heldout_after"):
+        assert rows[-1][key]["perplexity"] == pytest.approx(one[-1][key]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_job_with_a_lost_worker_resumes_from_the_last_checkpoint(
+        cluster: Cluster, lm_recipe: list[str], lm_uninterrupted: tuple[str, Path]) -> None:
+    from _ray_faults import KILL_ONCE_ENV
+
+    marker = cluster.storage / "lm-killed-once"
+    output, wall = submit(cluster, "lm-lost-worker", {KILL_ONCE_ENV: str(marker)}, entry="tests._ray_faults",
+                          settings=lm_recipe)
+    TIMINGS["LM job with a lost worker"] = wall
+    assert marker.read_text().split() == ["metadistil", str(EVAL_EVERY)]
+    assert f"(stage metadistil, step {EVAL_EVERY})" in output
+    assert f"[metadistil] resumed from {cluster.storage / 'lm-lost-worker' / 'output' / 'metadistil' / 'last'} " \
+           f"at step {EVAL_EVERY}/{STEPS}" in output
+    _, run = lm_uninterrupted
+    got, want = lm_student(cluster.storage / "lm-lost-worker" / "output"), lm_student(run)
+    ERRORS["LM: lost worker vs uninterrupted"] = relative_error(got, want)
+    assert ERRORS["LM: lost worker vs uninterrupted"] <= 1e-6
+    assert _rows(cluster.storage / "lm-lost-worker" / "output") == _rows(run)
 
 
 # ---------------------------------------------------------------- errors before any worker starts
@@ -360,6 +448,26 @@ def test_a_relative_storage_path_inside_a_job_isone_error_line(cluster: Cluster)
     output, _ = submit(cluster, "relative-storage", storage="runs/relative", succeed=False)
     assert "error: --storage-path runs/relative is relative, and this job runs in Ray's temporary copy" in output
     assert "give an absolute path" in output
+
+
+@pytest.mark.slow
+def test_the_task_follows_the_recipe_and_a_task_that_does_not_fit_it_isone_error_line(tmp_path: Path) -> None:
+    storage = tmp_path / "new" / "storage"
+    nowhere = ["--address", f"127.0.0.1:{_free_port()}", "--storage-path", str(storage)]
+    # An LM recipe without --task is an LM job: its config passes and its batches are checked over the workers.
+    proc, _ = _driver("--config", "configs/lm_smollm2_kjv.yaml", *nowhere)
+    assert "error: no Ray cluster reachable at 127.0.0.1:" in one_error_line(proc)
+    proc, _ = _driver("--config", "configs/lm_smollm2_kjv.yaml", "--num-workers", "3", *nowhere)
+    assert one_error_line(proc) == "error: student_train.batch_size: expected divisible by the 3 ranks, got 4"
+    proc, _ = _driver("--task", "classification", "--config", "configs/lm_smollm2_kjv.yaml", *nowhere)
+    assert one_error_line(proc) == (
+        "error: --task classification does not fit the recipe configs/lm_smollm2_kjv.yaml: unknown config key "
+        "'data.source' for a classification run; it is a causal-LM recipe: pass --task lm or leave --task out")
+    proc, _ = _driver("--task", "lm", "--config", "configs/text.yaml", *nowhere)
+    assert one_error_line(proc) == (
+        "error: --task lm does not fit the recipe configs/text.yaml: unknown config key 'data.task' for a causal-LM "
+        "run; it is a classification recipe: pass --task classification or leave --task out")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow
