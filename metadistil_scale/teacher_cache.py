@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 if TYPE_CHECKING:
-    from metadistil_scale.backends.torch_backend import TorchModel
+    from metadistil_scale.backends.base import BackendModel
     from metadistil_scale.config import Config
     from metadistil_scale.methods import Method
 
@@ -84,7 +84,7 @@ class TeacherCache:
             stored = load_file(shard)
             self.rows.update(zip(map(bytes, stored["keys"].numpy()), stored["logits"]))
 
-    def logits(self, teacher: TorchModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, teacher: BackendModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits for the batch `inputs`: cached rows, and a no-grad forward of the others."""
         keys = row_keys(inputs)
         missing = [i for i, key in enumerate(keys) if key not in self.rows]
@@ -146,7 +146,7 @@ def open_teacher_cache(cfg: Config, method: Method, teacher: nn.Module | None) -
     return TeacherCache(cache_root(cfg) / teacher_fingerprint(teacher, device_type))
 
 
-def frozen_teacher_logits(teacher: TorchModel, inputs: dict[str, torch.Tensor],
+def frozen_teacher_logits(teacher: BackendModel, inputs: dict[str, torch.Tensor],
                           cache: TeacherCache | None = None) -> torch.Tensor:
     """The frozen teacher's logits for a batch: from `cache` when given, else a no-grad forward."""
     if cache is not None:
