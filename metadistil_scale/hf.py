@@ -12,7 +12,15 @@ on a quiz batch. The teacher has its own optimizer and schedule (`meta.teacher_o
 saved beside the student (`<output_dir>/teacher`) and is part of every Trainer checkpoint, so
 `train(resume_from_checkpoint=...)` continues both models. With gradient accumulation the micro-batches of one
 optimizer step are gathered and stepped as one batch, as the project's trainer does (the pilot step needs the
-whole batch). Teacher and student read the same inputs (one tokenizer). One process; torchrun (DDP) is refused.
+whole batch). Teacher and student read the same inputs (one tokenizer).
+
+Under torchrun (DDP, one process per rank) the Trainer shards the train batches over the ranks and wraps the
+student in DDP, but the project's step runs on the unwrapped student, as `metadistil-scale train` does under
+torchrun: every loss is this rank's share of the global batch, the student's gradient is all-reduced once before
+the Trainer clips and applies it, the teacher is replicated (rank 0's weights) and its meta-gradient all-reduced
+before its step, and each rank takes an equal slice of every quiz batch. Rank 0 alone saves. DeepSpeed and FSDP
+under the Trainer are refused: the step needs whole parameters (use `metadistil-scale train` with
+`deepspeed_teacher`/`deepspeed_student` to shard them).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer
 
+from metadistil_scale.backends import dist
 from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.checkpoint import atomic_save, load_checkpoint
 from metadistil_scale.config import DistillConfig, MetaConfig, validate_distill, validate_meta
@@ -45,6 +54,7 @@ class _TrainerOwnedStudent(TorchModel):
 
     def step(self) -> float:
         self._reduce_grads()
+        self._grads_reduced = False  # the Trainer clears the gradients: the next step's are reduced afresh
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
@@ -54,9 +64,9 @@ class MetaDistilTrainer(Trainer):
                  quiz_dataset: Dataset | None = None, distill: DistillConfig | None = None,
                  meta: MetaConfig | None = None, regression: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            raise ValueError("MetaDistilTrainer runs in one process; for several ranks use `metadistil-scale train` "
-                             "under torchrun or the deepspeed launcher")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("MetaDistilTrainer shards no parameters (args.deepspeed/args.fsdp): run it under torchrun "
+                             "for DDP, or `metadistil-scale train` with deepspeed_teacher/deepspeed_student for ZeRO")
         self.method = get_method(method)
         if not self.method.uses_teacher:
             raise ValueError(f"method={method!r} trains no teacher-student pair; one of "
@@ -68,6 +78,9 @@ class MetaDistilTrainer(Trainer):
             raise ValueError(f"method={method!r} needs quiz_dataset (held-out rows the student never trains on)")
         if quiz_dataset is not None and self.args.remove_unused_columns:  # as the Trainer does to train_dataset
             quiz_dataset = self._remove_unused_columns(quiz_dataset, description="quiz")
+        if quiz_dataset is not None and len(quiz_dataset) < self.args.world_size:
+            raise ValueError(f"quiz_dataset has {len(quiz_dataset)} rows, fewer than the {self.args.world_size} ranks "
+                             f"(each takes a slice of every quiz batch)")
         self.quiz_dataset, self.regression = quiz_dataset, regression
         self.teacher = teacher_model.to(self.args.device).eval()
         self._micro_batches: list[dict] = []
@@ -107,13 +120,16 @@ class MetaDistilTrainer(Trainer):
         return torch.tensor(record["loss"], device=self.args.device)
 
     def _quiz_batch(self, step: int) -> list[dict]:
-        """The quiz batch of teacher update `step`: a deterministic function of (meta.quiz_seed, step), so a
-        resumed run draws what the uninterrupted one drew."""
-        size = min(self.meta.quiz_batch_size, len(self.quiz_dataset))
+        """This rank's slice of the quiz batch of teacher update `step`: a deterministic function of
+        (meta.quiz_seed, step), so a resumed run draws what the uninterrupted one drew. As in the project's trainer,
+        the batch is rounded down to a multiple of the ranks and each takes an equal contiguous slice."""
+        world = dist.world_size()
+        size = min(self.meta.quiz_batch_size, len(self.quiz_dataset)) // world * world
         per_epoch = len(self.quiz_dataset) // size
         epoch, index = divmod(step, per_epoch)
         order = np.random.default_rng([self.meta.quiz_seed, epoch]).permutation(len(self.quiz_dataset))
-        rows = [self.quiz_dataset[int(i)] for i in order[index * size:(index + 1) * size]]
+        local = order[index * size:(index + 1) * size][dist.rank() * (size // world):][:size // world]
+        rows = [self.quiz_dataset[int(i)] for i in local]
         batch = self._prepare_inputs(self.data_collator(rows))
         labels = batch.pop("labels")
         return [{"teacher": batch, "student": batch, "labels": labels}]
@@ -129,7 +145,7 @@ class MetaDistilTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self._ctx is not None and self.method.trains_teacher:
+        if self._ctx is not None and self.method.trains_teacher and self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             atomic_save(self._ctx.teacher.state_dict(), folder / TEACHER_STATE)
 

@@ -14,7 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 from metadistil_scale.backends.torch_backend import TorchModel
 from metadistil_scale.config import DistillConfig, MetaConfig, OptimConfig
 from metadistil_scale.hf import MetaDistilTrainer
-from metadistil_scale.meta import MetaDistil, teacher_update_steps
+from metadistil_scale.meta import MetaDistil
+from metadistil_scale.methods import BatchSource, StepContext, get_method
 
 LR, STEPS, BATCH, ACCUMULATION = 1e-3, 5, 4, 2
 META = MetaConfig(pilot_lr=0.05, teacher_optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0),
@@ -49,7 +50,7 @@ class RecordingCollator:
         return batch
 
 
-def make_trainer(out: Path, teacher, student, collator, **args) -> MetaDistilTrainer:
+def make_trainer(out: Path, teacher, student, collator, method: str = "metadistil", **args) -> MetaDistilTrainer:
     arguments = TrainingArguments(**{
         "output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
         "gradient_accumulation_steps": ACCUMULATION, "learning_rate": LR, "weight_decay": 0.0, "warmup_steps": 0,
@@ -57,7 +58,29 @@ def make_trainer(out: Path, teacher, student, collator, **args) -> MetaDistilTra
         "report_to": [], "use_cpu": True, "seed": 0, "data_seed": 0, "save_strategy": "no",
         "dataloader_num_workers": 0, **args})
     return MetaDistilTrainer(model=student, teacher_model=teacher, args=arguments, train_dataset=rows(64, 0),
-                             quiz_dataset=rows(12, 1), data_collator=collator, distill=DISTILL, meta=META)
+                             quiz_dataset=rows(12, 1), data_collator=collator, method=method, distill=DISTILL,
+                             meta=META)
+
+
+def project_steps(method: str, teacher, student, steps: list[list[dict]], quiz: BatchSource) -> None:
+    """The project's own `method` step, in this process, on `steps` (each a list of collated micro-batches)."""
+    algorithm = get_method(method)
+    optim = OptimConfig(lr=LR, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0)
+    t = TorchModel(teacher.eval(), algorithm.teacher_optim(META), algorithm.teacher_schedule_steps(META, STEPS))
+    s = TorchModel(student.train(), optim, STEPS)
+    ctx = StepContext(s, t, DISTILL, META, torch.device("cpu"), quiz_stream=quiz)
+    if algorithm.trains_teacher:
+        ctx.metadistil = MetaDistil(t, s, DISTILL, META)
+    for i, batches in enumerate(steps):
+        parts = []
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            parts.append({"teacher": inputs, "student": inputs, "labels": batch["labels"]})
+        algorithm.step(ctx, i, parts, logged=False)
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_five_trainer_steps_equal_the_projects_step(tmp_path):
@@ -70,22 +93,12 @@ def test_five_trainer_steps_equal_the_projects_step(tmp_path):
     # The project's own step on the batches the Trainer drew, with the same optimizers.
     # (the data loader collates one batch ahead of the one it hands out)
     train_batches = [b for b in collator.batches if len(b["labels"]) == BATCH][: STEPS * ACCUMULATION]
-    optim = OptimConfig(lr=LR, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0)
-    t = TorchModel(start_teacher.eval(), META.teacher_optim, len(teacher_update_steps(META, STEPS)))
-    s = TorchModel(start_student.train(), optim, STEPS)
-    step = MetaDistil(t, s, DISTILL, META)
-    for i in range(STEPS):
-        parts = []
-        for batch in train_batches[i * ACCUMULATION:(i + 1) * ACCUMULATION]:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            parts.append({"teacher": inputs, "student": inputs, "labels": batch["labels"]})
-        step.step(parts, trainer._quiz_batch(i), diagnostics=False)
+    steps = [train_batches[i * ACCUMULATION:(i + 1) * ACCUMULATION] for i in range(STEPS)]
+    project_steps("metadistil", start_teacher, start_student, steps, trainer._quiz_batch)
 
     for got, want in ((student, start_student), (teacher, start_teacher)):
-        diff = max(float((a - b).abs().max()) for a, b in zip(got.parameters(), want.parameters(), strict=True))
-        assert diff <= 1e-6
-    moved = max(float((a - b).abs().max()) for a, b in zip(teacher.parameters(), tiny(2, seed=0).parameters()))
-    assert moved > 1e-5  # the teacher was meta-trained, so its equality is not vacuous
+        assert max_difference(got, want) <= 1e-6
+    assert max_difference(teacher, tiny(2, seed=0)) > 1e-5  # the teacher was meta-trained: its equality says something
 
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "model.safetensors").is_file()
@@ -113,3 +126,28 @@ def test_metadistil_without_a_quiz_set_is_refused(tmp_path):
     arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="needs quiz_dataset"):
         MetaDistilTrainer(model=tiny(1, 1), teacher_model=tiny(2, 0), args=arguments, train_dataset=rows(8, 0))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_ranks_equals_the_projects_step_on_the_global_batches(tmp_path):
+    """torchrun, 2 CPU ranks (gloo): the Trainer shards the batches and wraps the student in DDP; 5 steps of kd and
+    of metadistil equal the project's step in one process on the ranks' batches put together (each rank's
+    micro-batches of a step form the global batch) and the whole quiz batches."""
+    from test_deepspeed import _run, _torchrun
+
+    _run(_torchrun(str(Path(__file__).with_name("_hf_ddp_worker.py")), str(tmp_path)))
+    for method in ("kd", "metadistil"):
+        ranks = [torch.load(tmp_path / f"{method}-rank{r}.pt") for r in range(2)]
+        assert [r["world"] for r in ranks] == [2, 2] and all(r["ddp"] for r in ranks)
+        assert not torch.equal(ranks[0]["batches"][0]["input_ids"], ranks[1]["batches"][0]["input_ids"])
+        steps = [[b for r in ranks for b in r["batches"][i * ACCUMULATION:(i + 1) * ACCUMULATION]]
+                 for i in range(STEPS)]
+        teacher, student = tiny(2, seed=0), tiny(1, seed=1)
+        one_process = make_trainer(tmp_path / "one", teacher, student, default_data_collator, method=method)
+        project_steps(method, teacher, student, steps, one_process._quiz_batch)  # whole quiz batches
+        for role, model in (("teacher", teacher), ("student", student)):
+            for rank in ranks:
+                got = rank[role]
+                assert max(float((got[n] - p.detach()).abs().max()) for n, p in model.named_parameters()) <= 1e-6, role
+        if method == "metadistil":
+            assert max_difference(teacher, tiny(2, seed=0)) > 1e-5
