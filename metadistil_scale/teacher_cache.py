@@ -16,6 +16,10 @@ Reuse and invalidation: the store is one folder per teacher fingerprint (a hash 
 buffers, class and config, the torch version and device type) under `teacher_cache.dir`; data and max_length are
 in every key, so a changed teacher or changed data can never hit. Each process writes its new rows as a shard
 file of its own (rows-*.safetensors, written atomically), so runs sharing the folder never overwrite each other.
+
+A causal LM's teacher gives a [tokens × vocabulary] distribution per row, too large to keep whole: there the
+cache keeps its top k (`TopKRows`, lm.chunked.TopKTeacher: per token the k largest tempered log-probabilities
+and the rest's mass), approximate by design, in a folder of its own per (teacher, k, temperature).
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metadistil_scale.lm.chunked import HeadLogits, TopKTeacher, head_top_k
+
 if TYPE_CHECKING:
     from metadistil_scale.backends.base import BackendModel
     from metadistil_scale.config import Config
+    from metadistil_scale.lm.recipe import LMConfig
     from metadistil_scale.methods import Method
 
 KEY_BYTES = 16
@@ -71,21 +78,88 @@ def _as_bytes(tensor: torch.Tensor):
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
 
 
-class TeacherCache:
-    """The logits of one teacher, by input row; a context manager that writes the new rows when it closes."""
+class RowFormat(Protocol):
+    """What the cache keeps of a teacher output, row by row, and how it stores it in a shard."""
 
-    def __init__(self, folder: Path) -> None:
+    tag: str  # added to the folder name: a format, or its settings, never reads another's rows
+
+    def split(self, computed: Any, rows: int) -> list[Any]:
+        """The teacher's output for a batch of `rows` rows as one value per row, on the CPU."""
+
+    def join(self, values: list[Any], device: torch.device) -> Any:
+        """The output of a batch from its rows' values (what the loss reads)."""
+
+    def pack(self, values: list[Any]) -> dict[str, torch.Tensor]: ...
+
+    def unpack(self, stored: dict[str, torch.Tensor]) -> list[Any]: ...
+
+
+class FullLogits:
+    """Classification: a row's whole logits vector, unrounded (exact)."""
+
+    tag = ""
+
+    def split(self, computed: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        return [row.clone() for row in computed.detach().cpu()]
+
+    def join(self, values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        return torch.stack(values).to(device)
+
+    def pack(self, values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": torch.stack(values).contiguous()}
+
+    def unpack(self, stored: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return list(stored["logits"])
+
+
+class TopKRows:
+    """A causal LM: per token of a row, the teacher's top-k tempered log-probabilities and the rest's mass
+    (lm.chunked.TopKTeacher); token ids kept as int32."""
+
+    def __init__(self, k: int, temperature: float) -> None:
+        self.k, self.temperature = k, temperature
+        self.tag = f"-top{k}-t{temperature:g}"
+
+    def split(self, computed: HeadLogits, rows: int) -> list[TopKTeacher]:
+        top = head_top_k(computed, self.k, self.temperature)
+        per_row = len(top.rest) // rows
+        return [TopKTeacher(*(t[i * per_row:(i + 1) * per_row].cpu().clone()
+                              for t in (top.indices.int(), top.logprobs, top.rest)), self.temperature)
+                for i in range(rows)]
+
+    def join(self, values: list[TopKTeacher], device: torch.device) -> TopKTeacher:
+        return TopKTeacher(torch.cat([v.indices for v in values]).to(device, torch.long),
+                           torch.cat([v.logprobs for v in values]).to(device),
+                           torch.cat([v.rest for v in values]).to(device), self.temperature)
+
+    def pack(self, values: list[TopKTeacher]) -> dict[str, torch.Tensor]:
+        return {"indices": torch.cat([v.indices for v in values]), "logprobs": torch.cat([v.logprobs for v in values]),
+                "rest": torch.cat([v.rest for v in values]),
+                "tokens": torch.tensor([len(v.rest) for v in values], dtype=torch.long)}
+
+    def unpack(self, stored: dict[str, torch.Tensor]) -> list[TopKTeacher]:
+        sizes = stored["tokens"].tolist()
+        parts = (stored[name].split(sizes) for name in ("indices", "logprobs", "rest"))
+        return [TopKTeacher(i, p, r, self.temperature) for i, p, r in zip(*parts)]
+
+
+class TeacherCache:
+    """The outputs of one teacher, by input row (in `row_format`); a context manager that writes the new rows
+    when it closes."""
+
+    def __init__(self, folder: Path, row_format: RowFormat | None = None) -> None:
         self.folder = folder
-        self.rows: dict[bytes, torch.Tensor] = {}
-        self.new: dict[bytes, torch.Tensor] = {}
+        self.format = row_format or FullLogits()
+        self.rows: dict[bytes, Any] = {}
+        self.new: dict[bytes, Any] = {}
         self.hits = self.misses = 0
         self._counted = self._hits_counted = 0  # hits + misses and hits at the last take_hit_rate()
         for shard in sorted(folder.glob("rows-*.safetensors")):
             stored = load_file(shard)
-            self.rows.update(zip(map(bytes, stored["keys"].numpy()), stored["logits"]))
+            self.rows.update(zip(map(bytes, stored["keys"].numpy()), self.format.unpack(stored)))
 
-    def logits(self, teacher: BackendModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's logits for the batch `inputs`: cached rows, and a no-grad forward of the others."""
+    def logits(self, teacher: BackendModel, inputs: dict[str, torch.Tensor]) -> Any:
+        """The teacher's output for the batch `inputs`: cached rows, and a no-grad forward of the others."""
         keys = row_keys(inputs)
         missing = [i for i, key in enumerate(keys) if key not in self.rows]
         self.hits += len(keys) - len(missing)
@@ -96,12 +170,10 @@ class TeacherCache:
                     computed = teacher(inputs)
                 else:
                     computed = teacher({name: tensor[missing] for name, tensor in inputs.items()})
-            for i, row in zip(missing, computed.detach().cpu()):
-                self.rows[keys[i]] = self.new[keys[i]] = row.clone()
-        if missing and len(missing) == len(keys):  # a batch of new rows: the forward's own output
-            result = computed
-        else:
-            result = torch.stack([self.rows[key] for key in keys]).to(next(iter(inputs.values())).device)
+            for i, row in zip(missing, self.format.split(computed, len(missing))):
+                self.rows[keys[i]] = self.new[keys[i]] = row
+        # Always from the rows, a new batch too: a cold run then reads what a warm one will.
+        result = self.format.join([self.rows[key] for key in keys], next(iter(inputs.values())).device)
         if len(self.new) >= FLUSH_ROWS:
             self.save()
         return result
@@ -121,7 +193,7 @@ class TeacherCache:
         name = f"rows-{uuid.uuid4().hex}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         keys = torch.tensor([list(key) for key in self.new], dtype=torch.uint8)
-        save_file({"keys": keys, "logits": torch.stack(list(self.new.values())).contiguous()}, str(tmp))
+        save_file({"keys": keys, **self.format.pack(list(self.new.values()))}, str(tmp))
         os.replace(tmp, self.folder / name)
         self.new = {}
 
@@ -132,23 +204,26 @@ class TeacherCache:
         self.save()
 
 
-def cache_root(cfg: Config) -> Path:
+def cache_root(cfg: Config | LMConfig) -> Path:
     return Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else Path(cfg.output_dir) / "teacher_cache"
 
 
-def open_teacher_cache(cfg: Config, method: Method, teacher: nn.Module | None) -> TeacherCache | None:
+def open_teacher_cache(cfg: Config | LMConfig, method: Method, teacher: nn.Module | None,
+                       row_format: RowFormat | None = None) -> TeacherCache | None:
     """The cache of `teacher` when `teacher_cache.enabled` and `method` runs it frozen: KD always, MetaDistil for
     its first `meta.frozen_steps` steps (after the first meta-update the teacher is another model)."""
     frozen_phase = method.uses_teacher and (not method.trains_teacher or cfg.meta.frozen_steps > 0)
     if not (cfg.teacher_cache.enabled and frozen_phase and teacher is not None):
         return None
     device_type = next(teacher.parameters()).device.type
-    return TeacherCache(cache_root(cfg) / teacher_fingerprint(teacher, device_type))
+    row_format = row_format or FullLogits()
+    return TeacherCache(cache_root(cfg) / (teacher_fingerprint(teacher, device_type) + row_format.tag), row_format)
 
 
 def frozen_teacher_logits(teacher: BackendModel, inputs: dict[str, torch.Tensor],
-                          cache: TeacherCache | None = None) -> torch.Tensor:
-    """The frozen teacher's logits for a batch: from `cache` when given, else a no-grad forward."""
+                          cache: TeacherCache | None = None) -> Any:
+    """The frozen teacher's logits for a batch (a causal LM's HeadLogits, or its cached TopKTeacher): from
+    `cache` when given, else a no-grad forward."""
     if cache is not None:
         return cache.logits(teacher, inputs)
     with torch.no_grad():

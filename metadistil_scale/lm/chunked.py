@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +59,11 @@ class HeadLogits:
     def chunks(self, labels: torch.Tensor) -> list[torch.Tensor]:
         """Index tensors of the rows that carry a loss, split into chunks of at most chunk_rows."""
         valid = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-        size = self.chunk_rows or max(1, CHUNK_ELEMENTS // self.weight.shape[0])
-        return list(valid.split(size))
+        return list(valid.split(self.chunk_size))
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk_rows or max(1, CHUNK_ELEMENTS // self.weight.shape[0])
 
 
 # A pytree node, so that torch.func.jvp returns the tangents of hidden and weight as a HeadLogits too;
@@ -101,20 +105,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- losses
 
 
-ChunkLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+# (student logits of a chunk, the teacher's rows of it or None, the chunk's labels) -> the chunk's loss sum
+ChunkLoss = Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]
+TeacherRows = Callable[[torch.Tensor], Any]  # row index -> the teacher's output for those rows (a constant)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Σ over chunks of chunk_loss(H_c Wᵀ, H_t,c W_tᵀ, y_c). The gradients w.r.t. H and W are computed in the
-    forward, chunk by chunk, and only scaled in the backward; the teacher's factors are constants."""
+    """Σ over chunks of chunk_loss(H_c Wᵀ, teacher_rows(c), y_c). The gradients w.r.t. H and W are computed in
+    the forward, chunk by chunk, and only scaled in the backward; the teacher's rows are constants."""
 
     @staticmethod
     def forward(
         ctx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
-        teacher_hidden: torch.Tensor | None,
-        teacher_weight: torch.Tensor | None,
+        teacher_rows: TeacherRows | None,
         labels: torch.Tensor,
         chunks: list[torch.Tensor],
         chunk_loss: ChunkLoss,
@@ -127,7 +132,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for index in chunks:
             h = hidden[index]
             z = h @ weight.T
-            z_t = teacher_hidden[index] @ teacher_weight.T if teacher_hidden is not None else None
+            z_t = teacher_rows(index) if teacher_rows is not None else None
             if not want_grad:
                 total += chunk_loss(z, z_t, labels[index])
                 continue
@@ -147,7 +152,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        nones = (None,) * 6
+        nones = (None,) * 5
         if not ctx.want_grad:
             return (None, None, *nones)
         grad_hidden, grad_weight = ctx.saved_tensors
@@ -155,21 +160,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 *nones)
 
 
-def _apply_chunked(student: HeadLogits, teacher: HeadLogits | None, labels: torch.Tensor,
+def _apply_chunked(student: HeadLogits, teacher: HeadLogits | TopKTeacher | None, labels: torch.Tensor,
                    chunk_loss: ChunkLoss) -> torch.Tensor:
     y = labels.reshape(-1)
     if y.shape[0] != student.hidden.shape[0]:
         raise ValueError(f"labels give {y.shape[0]} rows, the hidden states {student.hidden.shape[0]}")
     want_grad = torch.is_grad_enabled() and (student.hidden.requires_grad or student.weight.requires_grad)
-    t_hidden = teacher.hidden.detach() if teacher is not None else None
-    t_weight = teacher.weight.detach() if teacher is not None else None
-    return _ChunkedHeadLoss.apply(student.hidden, student.weight, t_hidden, t_weight, y, student.chunks(y),
+    teacher_rows = teacher.detach().rows if teacher is not None else None
+    return _ChunkedHeadLoss.apply(student.hidden, student.weight, teacher_rows, y, student.chunks(y),
                                   chunk_loss, want_grad)
 
 
-def head_kd_loss_sum(student: HeadLogits, teacher: HeadLogits, labels: torch.Tensor, cfg: DistillConfig
-                     ) -> torch.Tensor:
-    """Σ over tokens of α·CE(z_s, y) + (1−α)·soft(z_s, z_t; T), by the fused KD kernel on each chunk."""
+def head_kd_loss_sum(student: HeadLogits, teacher: HeadLogits | TopKTeacher, labels: torch.Tensor,
+                     cfg: DistillConfig) -> torch.Tensor:
+    """Σ over tokens of α·CE(z_s, y) + (1−α)·soft(z_s, z_t; T), by the fused KD kernel on each chunk (against
+    a cached top-k teacher: `head_top_k_kd_loss_sum`)."""
+    if isinstance(teacher, TopKTeacher):
+        return head_top_k_kd_loss_sum(student, teacher, labels, cfg)
     if student.weight.shape[0] != teacher.weight.shape[0]:
         raise ValueError(f"student vocabulary {student.weight.shape[0]} != teacher {teacher.weight.shape[0]}")
 
@@ -274,3 +281,79 @@ def head_cotangent_by(teacher: HeadLogits, tangent: HeadTangent, student: HeadLo
 def head_contract(teacher: HeadLogits, cotangent: HeadCotangent) -> torch.Tensor:
     """A scalar whose gradient w.r.t. θt is J_tᵀ w: ⟨H_t, w W_t⟩ + ⟨W_t, wᵀ H_t⟩ with the cotangents constant."""
     return (teacher.hidden * cotangent.hidden).sum() + (teacher.weight * cotangent.weight).sum()
+
+
+# ---------------------------------------------------------------- a cached top-k teacher
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The frozen teacher's tempered distribution p = softmax(z_t/T) of N token rows, kept sparse: per row the
+    k largest log-probabilities with their token ids, and the log of the mass of the other V − k tokens as one
+    bucket (−inf when k = V). What teacher_cache.py stores for a causal LM: 8k + 4 bytes a token in float32."""
+
+    indices: torch.Tensor  # [N, k] token ids
+    logprobs: torch.Tensor  # [N, k] log p of those tokens, largest first
+    rest: torch.Tensor  # [N] log of the remaining mass
+    temperature: float
+
+    def detach(self) -> TopKTeacher:
+        return self
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.indices[index], self.logprobs[index], self.rest[index]
+
+
+@torch.no_grad()
+def head_top_k(logits: HeadLogits, k: int, temperature: float) -> TopKTeacher:
+    """The top-k form of softmax(z/T) for every row of `logits`, made a chunk of rows at a time."""
+    k = min(k, logits.weight.shape[0])
+    indices, logprobs, rest = [], [], []
+    for index in torch.arange(logits.hidden.shape[0], device=logits.hidden.device).split(logits.chunk_size):
+        z = logits.rows(index)
+        log_p = torch.log_softmax(z.to(_compute_dtype(z.dtype)) / temperature, -1)
+        top = log_p.topk(k, dim=-1)
+        indices.append(top.indices)
+        logprobs.append(top.values)
+        rest.append(log_p.scatter(-1, top.indices, float("-inf")).logsumexp(-1))
+    return TopKTeacher(torch.cat(indices), torch.cat(logprobs), torch.cat(rest), temperature)
+
+
+def top_k_kl_sum(scaled_student: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                 teacher_rest: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of KL(p̃ ‖ q̃) on k + 1 outcomes: the teacher's top k tokens and one bucket for the rest, with
+    q = softmax(scaled_student) coarsened the same way (q̃_rest = Σ_{j∉top k} q_j)."""
+    log_q = torch.log_softmax(scaled_student, -1)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - log_q.gather(-1, indices))).sum()
+    if indices.shape[-1] < log_q.shape[-1]:  # at k = V the bucket is empty (and its logsumexp −inf)
+        log_q_rest = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)
+        rest = teacher_rest.clamp_min(torch.finfo(teacher_rest.dtype).min)  # an empty bucket adds 0, not nan
+        kl = kl + (rest.exp() * (rest - log_q_rest)).sum()
+    return kl
+
+
+def head_top_k_kd_loss_sum(student: HeadLogits, teacher: TopKTeacher, labels: torch.Tensor, cfg: DistillConfig
+                           ) -> torch.Tensor:
+    """Σ over tokens of α·CE(z_s, y) + (1−α)·T²·KL(p̃ ‖ q̃) against a cached top-k teacher (`top_k_kl_sum`).
+
+    Why the bucket rather than DistillKit's sparse Σ_{i∈top k} p_i (log p_i − log q_i): the bucket form is a KL
+    between two distributions (≥ 0, exact at k = V), never above the full KL and rising to it as k grows (the
+    data-processing inequality); its gradient w.r.t. z_s is T·(q − p̂), p̂ = p on the top k and the rest's mass
+    shared over the other tokens in proportion to q, so the tail's total mass is kept and only its split is
+    approximated. The sparse form's gradient T·(q·Σ_{top k} p − p) drives the tail's mass to zero (it fits the
+    renormalised top k)."""
+    if cfg.soft_loss != "kl":
+        raise ValueError(f"distill.soft_loss={cfg.soft_loss!r}: a top-k teacher cache distils by KL only")
+    if cfg.temperature != teacher.temperature:
+        raise ValueError(f"distill.temperature={cfg.temperature} but the cached teacher was tempered at "
+                         f"{teacher.temperature}")
+
+    def chunk_loss(z: torch.Tensor, top: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
+        z = z.to(_compute_dtype(z.dtype))
+        soft = cfg.temperature**2 * top_k_kl_sum(z / cfg.temperature, *top)
+        if cfg.alpha == 0:
+            return soft
+        hard = F.cross_entropy(z, y, reduction="sum")
+        return hard if cfg.alpha == 1 else cfg.alpha * hard + (1 - cfg.alpha) * soft
+
+    return _apply_chunked(student, teacher, labels, chunk_loss)

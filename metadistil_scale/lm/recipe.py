@@ -31,6 +31,7 @@ from metadistil_scale.config import (
     MetaConfig,
     OptimConfig,
     StageConfig,
+    TeacherCacheConfig,
     _build,
     read_raw_config,
     require,
@@ -56,6 +57,7 @@ from metadistil_scale.loop import BatchStream, CheckpointHook, Evaluation, Stage
 from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import StepContext, get_method
 from metadistil_scale.objectives import require_logit_terms
+from metadistil_scale.teacher_cache import TopKRows, open_teacher_cache
 from metadistil_scale.trainer import DTYPES, configure_cpu_allocator, resolve_device
 
 # ---------------------------------------------------------------- config
@@ -92,6 +94,14 @@ class LMModelConfig:
 
 
 @dataclass
+class LMTeacherCacheConfig(TeacherCacheConfig):
+    """The frozen teacher's top-k tempered log-probabilities per token, kept by input row (teacher_cache.py):
+    approximate (lm.chunked.head_top_k_kd_loss_sum), for KD and MetaDistil's first `meta.frozen_steps` steps."""
+
+    top_k: int = 64  # 8·top_k + 4 bytes a token
+
+
+@dataclass
 class LMConfig:
     output_dir: str = "runs/lm_smollm2_kjv"
     methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "metadistil"])
@@ -108,6 +118,7 @@ class LMConfig:
     deepspeed_student: str | None = None
     data: LMDataConfig = field(default_factory=LMDataConfig)
     model: LMModelConfig = field(default_factory=LMModelConfig)
+    teacher_cache: LMTeacherCacheConfig = field(default_factory=LMTeacherCacheConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(alpha=0.5, temperature=2.0))
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(
         pilot_lr=1e-4, quiz_batch_size=4, teacher_ce_weight=1.0,
@@ -145,6 +156,20 @@ def validate_lm(c: LMConfig) -> None:
     validate_stage(c.student_train, "student_train")
     validate_stage(c.teacher_finetune, "teacher_finetune")
     validate_deepspeed(c)
+    _validate_teacher_cache(c)
+
+
+def _validate_teacher_cache(c: LMConfig) -> None:
+    t = c.teacher_cache
+    require(t.top_k >= 1, "teacher_cache.top_k", ">= 1", t.top_k)
+    if not t.enabled:
+        return
+    require(not c.distill.terms and c.distill.soft_loss == "kl", "teacher_cache.enabled",
+            "false unless distill is alpha/temperature with soft_loss=kl (the top-k cache keeps probabilities)", True)
+    require(c.deepspeed_teacher is None, "teacher_cache.enabled",
+            "false with deepspeed_teacher (a sharded teacher's forward involves every rank)", True)
+    require(not c.model.materialize, "teacher_cache.enabled", "false with model.materialize (the [N, V] baseline)",
+            True)
 
 
 # ---------------------------------------------------------------- models and evaluation
@@ -277,6 +302,9 @@ def _lm_step_context(method: str, cfg: LMConfig, base_teacher: nn.Module, base_s
                              algorithm.teacher_schedule_steps(cfg.meta, steps), ds_config=cfg.deepspeed_teacher,
                              ds_key="deepspeed_teacher", optim_key="meta.teacher_optim", **batching)
     ctx = StepContext(student, teacher, cfg.distill, cfg.meta, device)
+    if teacher is not None:  # KD and MetaDistil's frozen phase read the teacher's top k from it
+        ctx.teacher_cache = open_teacher_cache(cfg, algorithm, teacher.module,
+                                               TopKRows(cfg.teacher_cache.top_k, cfg.distill.temperature))
     if algorithm.trains_teacher:
         ctx.metadistil = MetaDistil(teacher, student, cfg.distill, cfg.meta)
     if algorithm.needs_quiz:
@@ -292,6 +320,7 @@ def lm_stage_fingerprint(cfg: LMConfig, method: str) -> dict[str, Any]:
     full = dataclasses.asdict(cfg)
     keys = ("seed", "dtype", "eval_every", "data", "model", "distill", "student_train")
     return {"method": method, **{k: full[k] for k in keys},
+            **({"teacher_cache": full["teacher_cache"]} if cfg.teacher_cache.enabled else {}),  # approximate
             "meta": full["meta"] if get_method(method).trains_teacher else None,
             "teacher_finetune": full["teacher_finetune"] if cfg.model.finetune_teacher else None}
 
