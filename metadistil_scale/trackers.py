@@ -24,12 +24,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from metadistil_scale.config import Config
+    from metadistil_scale.lm.recipe import LMConfig
 
 # tracker name -> (the module it imports, the package that provides it)
 TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
@@ -200,12 +202,12 @@ class Trackers:
                 tracker.log_image(path)
 
 
-def tracking_root(cfg: Config) -> Path:
+def tracking_root(cfg: Config | LMConfig) -> Path:
     return Path(cfg.tracking_dir) if cfg.tracking_dir else Path(cfg.output_dir) / "tracking"
 
 
 @contextlib.contextmanager
-def open_trackers(cfg: Config, folder: Path, *, enabled: bool = True, start_step: int = 0) -> Iterator[Trackers]:
+def open_trackers(cfg: Config | LMConfig, folder: Path, *, enabled: bool = True, start_step: int = 0) -> Iterator[Trackers]:
     """The tracker runs of the stage (or summary) written in `folder`, closed when the block ends (marked
     failed when it raises). `enabled` is False on ranks other than 0."""
     if not enabled or not cfg.trackers:
@@ -232,6 +234,13 @@ def open_trackers(cfg: Config, folder: Path, *, enabled: bool = True, start_step
         raise
     for tracker in opened:
         tracker.close()
+
+
+def stage_trackers(cfg: Config | LMConfig, folder: Path) -> Callable[[int], AbstractContextManager[Trackers]]:
+    """A stage's `StageRun.open_trackers`: its tracker runs, opened by rank 0 alone, from the stage's start step."""
+    from metadistil_scale.backends import dist  # imports torch, which config validation avoids
+
+    return lambda start: open_trackers(cfg, folder, enabled=dist.is_main(), start_step=start)
 
 
 def run_folder(folder: Path) -> Path:

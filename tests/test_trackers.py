@@ -208,3 +208,29 @@ def test_a_resumed_mlflow_run_skips_the_steps_it_logged_before_a_crash(tmp_path,
     assert run.info.status == "FINISHED" and run.data.params == {"seed": "0"}
     history = resumed.client.get_metric_history(first.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+
+
+@pytest.mark.slow
+def test_lm_train_records_reach_tensorboard(tmp_path):
+    """`lm-train` sends its stages' records to the trackers as `train` does: the teacher's fine-tuning stage and
+    each method's, read back from the TensorBoard event files against metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_lm import VOCAB, save_tiny, tiny_corpus, tiny_llama, word_tokenizer
+    from test_lm_teacher_cache import lm_train
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    teacher = save_tiny(tmp_path / "teacher", tiny_llama(2, seed=0), word_tokenizer(words))
+    out = tmp_path / "run"
+    lm_train(out, teacher, tiny_corpus(tmp_path / "corpus.txt", words), "trackers=[tensorboard]",
+             "model.finetune_teacher=true", "teacher_finetune.max_steps=2", "eval_every=3")
+    for stage, keys in (("teacher", ("loss", "grad_norm", "heldout_perplexity")),
+                        ("kd", ("loss", "lr", "heldout_perplexity")),
+                        ("metadistil", ("loss", "quiz_loss_before", "teacher_heldout_perplexity"))):
+        events = EventAccumulator(str(out / "tracking" / "tensorboard" / stage))
+        events.Reload()
+        for key in keys:
+            logged = [(e.step, e.value) for e in events.Scalars(key)]
+            expected = jsonl_values(out / stage, key)
+            assert logged and [s for s, _ in logged] == [s for s, _ in expected], (stage, key)
+            assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), (stage, key)
+    assert "config/text_summary" in events.Tags()["tensors"]

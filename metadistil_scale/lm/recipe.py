@@ -40,6 +40,7 @@ from metadistil_scale.config import (
     validate_meta,
     validate_run,
     validate_stage,
+    validate_trackers,
 )
 from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
 from metadistil_scale.lm.data import EMBEDDED_KJV, LMRows, build_splits
@@ -58,6 +59,7 @@ from metadistil_scale.meta import MetaDistil
 from metadistil_scale.methods import StepContext, get_method
 from metadistil_scale.objectives import require_logit_terms
 from metadistil_scale.teacher_cache import TopKRows, open_teacher_cache
+from metadistil_scale.trackers import stage_trackers
 from metadistil_scale.trainer import DTYPES, configure_cpu_allocator, resolve_device
 
 # ---------------------------------------------------------------- config
@@ -111,6 +113,9 @@ class LMConfig:
     cpu_allocator: str = "retain"  # as in the classification config
     dtype: str = "float32"
     eval_batch_size: int = 8
+    # Where every metrics.jsonl record also goes, as in the classification config (trackers.py).
+    trackers: list[str] = field(default_factory=list)
+    tracking_dir: str | None = None
     log_every: int = 1
     eval_every: int = 50  # steps between held-out evaluations (and checkpoints); always at the end
     # DeepSpeed JSON configs (ds_configs/), as for the classification task; None: the torch backend
@@ -156,6 +161,7 @@ def validate_lm(c: LMConfig) -> None:
     validate_stage(c.student_train, "student_train")
     validate_stage(c.teacher_finetune, "teacher_finetune")
     validate_deepspeed(c)
+    validate_trackers(c.trackers)
     _validate_teacher_cache(c)
 
 
@@ -267,7 +273,8 @@ def train_method(
     run = StageRun(method, algorithm, ctx, _stream(splits["train"], stage.batch_size, cfg.seed,
                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
-                   StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models), out_dir / "metrics.jsonl")
+                   StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models), out_dir / "metrics.jsonl",
+                   open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     if tokenizer is not None:
         with ctx.student.gathered():  # every rank gathers, rank 0 writes
@@ -362,7 +369,8 @@ def fine_tune_lm_teacher(cfg: LMConfig, job: LMJob, out_dir: Path, *, resume: bo
     run = StageRun("teacher", get_method("finetune"), ctx, _stream(job.splits["train"], stage.batch_size, cfg.seed,
                                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
-                   StageCheckpoint(out_dir, fingerprint, {"teacher": teacher}), out_dir / "metrics.jsonl")
+                   StageCheckpoint(out_dir, fingerprint, {"teacher": teacher}), out_dir / "metrics.jsonl",
+                   open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     with teacher.gathered():  # whole weights on every rank, also under ZeRO-3
         job.teacher.load_state_dict({k: v.detach().clone() for k, v in teacher.module.lm.state_dict().items()})
