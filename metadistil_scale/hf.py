@@ -78,9 +78,10 @@ class MetaDistilTrainer(Trainer):
             raise ValueError(f"method={method!r} needs quiz_dataset (held-out rows the student never trains on)")
         if quiz_dataset is not None and self.args.remove_unused_columns:  # as the Trainer does to train_dataset
             quiz_dataset = self._remove_unused_columns(quiz_dataset, description="quiz")
-        if quiz_dataset is not None and len(quiz_dataset) < self.args.world_size:
-            raise ValueError(f"quiz_dataset has {len(quiz_dataset)} rows, fewer than the {self.args.world_size} ranks "
-                             f"(each takes a slice of every quiz batch)")
+        if quiz_dataset is not None and min(self.meta.quiz_batch_size, len(quiz_dataset)) < self.args.world_size:
+            raise ValueError(f"a quiz batch of min(meta.quiz_batch_size={self.meta.quiz_batch_size}, "
+                             f"len(quiz_dataset)={len(quiz_dataset)}) rows is fewer than the {self.args.world_size} "
+                             f"ranks, which each take an equal slice of it")
         self.quiz_dataset, self.regression = quiz_dataset, regression
         self.teacher = teacher_model.to(self.args.device).eval()
         self._micro_batches: list[dict] = []

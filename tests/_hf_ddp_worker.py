@@ -9,14 +9,17 @@ of both models, which the test compares with the project's step in one process o
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
-from test_hf_trainer import ACCUMULATION, BATCH, STEPS, RecordingCollator, make_trainer, tiny
+from test_hf_trainer import ACCUMULATION, BATCH, META, STEPS, RecordingCollator, make_trainer, rows, tiny
 from torch.nn.parallel import DistributedDataParallel
+from transformers import TrainingArguments
 
 from metadistil_scale.backends import dist
+from metadistil_scale.hf import MetaDistilTrainer
 
 
 def main(out: Path) -> None:
@@ -31,6 +34,17 @@ def main(out: Path) -> None:
                     "teacher": {n: p.detach().clone() for n, p in teacher.named_parameters()},
                     "student": {n: p.detach().clone() for n, p in student.named_parameters()}},
                    out / f"{method}-rank{dist.rank()}.pt")
+    torch.save(refusal(trainer.args), out / f"refusal-rank{dist.rank()}.pt")
+
+
+def refusal(args: TrainingArguments) -> str:
+    """The error of a quiz batch smaller than the ranks (each rank takes an equal slice of it)."""
+    try:
+        MetaDistilTrainer(model=tiny(1, seed=1), teacher_model=tiny(2, seed=0), args=args, train_dataset=rows(8, 0),
+                          quiz_dataset=rows(12, 1), meta=dataclasses.replace(META, quiz_batch_size=1))
+    except ValueError as err:
+        return str(err)
+    return "accepted"
 
 
 if __name__ == "__main__":

@@ -151,3 +151,7 @@ def test_ddp_on_two_ranks_equals_the_projects_step_on_the_global_batches(tmp_pat
                 assert max(float((got[n] - p.detach()).abs().max()) for n, p in model.named_parameters()) <= 1e-6, role
         if method == "metadistil":
             assert max_difference(teacher, tiny(2, seed=0)) > 1e-5
+    for rank in range(2):  # a quiz batch smaller than the ranks is refused before any work
+        assert torch.load(tmp_path / f"refusal-rank{rank}.pt") == (
+            "a quiz batch of min(meta.quiz_batch_size=1, len(quiz_dataset)=12) rows is fewer than the 2 ranks, which "
+            "each take an equal slice of it")
