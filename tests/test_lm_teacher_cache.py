@@ -96,6 +96,26 @@ def test_top_k_error_shrinks_with_k_and_vanishes_at_the_vocabulary():
     assert loss_errors[0] > 1e-4  # k = 1 on a 37-token vocabulary is visibly approximate
 
 
+def test_cache_keeps_the_live_teachers_top_k_by_row_and_reads_it_back(tmp_path):
+    from metadistil_scale.backends.torch_backend import TorchModel
+    from metadistil_scale.teacher_cache import TeacherCache, TopKRows
+
+    teacher = TorchModel(CausalLMHead(pair()[0].eval(), chunk_rows=7), None)
+    inputs = batch("padded", 10, seed=5)["teacher"]
+    first = {name: t[:3] for name, t in inputs.items()}
+    with torch.no_grad():
+        live = head_top_k(teacher(inputs), 6, TEMPERATURE)
+    with TeacherCache(tmp_path, TopKRows(6, TEMPERATURE)) as cache:
+        cache.logits(teacher, first)
+        got = cache.logits(teacher, inputs)  # 3 rows cached, the others computed
+        assert (cache.hits, cache.misses) == (3, len(inputs["input_ids"]))
+    reopened = TeacherCache(tmp_path, TopKRows(6, TEMPERATURE)).logits(teacher, inputs)
+    for result in (got, reopened):
+        assert torch.equal(result.indices, live.indices)
+        torch.testing.assert_close(result.logprobs, live.logprobs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(result.rest, live.rest, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- lm-train with the cache
 
 
@@ -126,7 +146,9 @@ def test_lm_train_with_the_top_k_cache(tmp_path):
     lm_train(tmp_path / "top2", teacher, corpus, "teacher_cache.enabled=true", f"teacher_cache.dir={cache}",
              "teacher_cache.top_k=2")
 
-    (folder,) = [f for f in cache.iterdir() if f.name.endswith(f"-top{VOCAB}-t2")]
+    folders = sorted(cache.iterdir())  # one teacher, two k: a folder each
+    assert [f.name.split("-", 1)[1] for f in folders] == sorted([f"top{VOCAB}-t2", "top2-t2"])
+    (folder,) = [f for f in folders if f.name.endswith(f"-top{VOCAB}-t2")]
     shards = [load_file(p) for p in folder.glob("rows-*.safetensors")]
     assert len(shards) == 1  # the warm run computed nothing and wrote nothing
     (shard,) = shards
