@@ -80,7 +80,7 @@ def project_steps(method: str, teacher, student, steps: list[list[dict]], quiz: 
 
 
 def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_five_trainer_steps_equal_the_projects_step(tmp_path):
