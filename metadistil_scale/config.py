@@ -481,6 +481,15 @@ def validate_run(c: Any) -> None:
         require(getattr(c, key) >= 1, key, ">= 1", getattr(c, key))
 
 
+def validate_training(c: Any) -> None:
+    """The keys both config kinds share past the run level: the meta step, both stages, DeepSpeed, trackers."""
+    validate_meta(c.meta)
+    validate_stage(c.teacher_finetune, "teacher_finetune")
+    validate_stage(c.student_train, "student_train")
+    validate_deepspeed(c)
+    validate_trackers(c.trackers)
+
+
 def validate(c: Config) -> None:
     validate_run(c)
     d = c.data
@@ -524,11 +533,7 @@ def validate(c: Config) -> None:
         from metadistil_scale.objectives import require_logit_terms
 
         require_logit_terms(c.distill, "the CNNs of an image task give no hidden states to distil")
-    validate_meta(c.meta)
-    validate_stage(c.teacher_finetune, "teacher_finetune")
-    validate_stage(c.student_train, "student_train")
-    validate_deepspeed(c)
-    validate_trackers(c.trackers)
+    validate_training(c)
     # A sharded teacher's forward is collective: every rank must run it, hit or miss.
     require(not (c.teacher_cache.enabled and c.deepspeed_teacher), "teacher_cache.enabled",
             "false with deepspeed_teacher (a sharded teacher's forward involves every rank)", c.teacher_cache.enabled)

@@ -55,7 +55,7 @@ from metadistil_scale.models.checkpointing import enable_activation_checkpointin
 from metadistil_scale.models.text import load_tokenizer
 from metadistil_scale.objectives import Objective, prepare_models
 from metadistil_scale.teacher_cache import open_teacher_cache
-from metadistil_scale.trackers import open_trackers
+from metadistil_scale.trackers import stage_trackers
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -230,7 +230,7 @@ def run_stage(
         save_best=lambda: _save_best(ctx, out_dir, student, trained_teacher, task, role))
     run = StageRun(name, algorithm, ctx, stream, steps, cfg.log_every, cfg.eval_every, evaluation,
                    StageCheckpoint(out_dir, fingerprint, models), out_dir / "metrics.jsonl",
-                   open_trackers=lambda start: open_trackers(cfg, out_dir, enabled=dist.is_main(), start_step=start))
+                   open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     return _test_best(name, method, steps, state, fingerprint, cfg, task, out_dir, role, student, trained_teacher)
 

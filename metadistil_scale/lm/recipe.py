@@ -35,12 +35,9 @@ from metadistil_scale.config import (
     _build,
     read_raw_config,
     require,
-    validate_deepspeed,
     validate_distill,
-    validate_meta,
     validate_run,
-    validate_stage,
-    validate_trackers,
+    validate_training,
 )
 from metadistil_scale.lm.chunked import HeadLogits, head_eval_stats
 from metadistil_scale.lm.data import EMBEDDED_KJV, LMRows, build_splits
@@ -157,11 +154,7 @@ def validate_lm(c: LMConfig) -> None:
     require(m.chunk_rows is None or m.chunk_rows >= 1, "model.chunk_rows", ">= 1 or null", m.chunk_rows)
     validate_distill(c.distill)
     require_logit_terms(c.distill, "a causal LM distils its logits, in row chunks")
-    validate_meta(c.meta)
-    validate_stage(c.student_train, "student_train")
-    validate_stage(c.teacher_finetune, "teacher_finetune")
-    validate_deepspeed(c)
-    validate_trackers(c.trackers)
+    validate_training(c)
     _validate_teacher_cache(c)
 
 
