@@ -510,11 +510,11 @@ class Job:
 def prepare_job(args: argparse.Namespace) -> Job:
     """Every check that can come before a worker starts, in an order that creates no folder until the others
     have passed: the arguments, the config, the storage path, the cluster and its resources."""
-    from metadistil_scale.cli import _overrides
+    from metadistil_scale.cli import config_overrides
     from metadistil_scale.config import read_raw_config
 
     check_args(args)
-    raw = read_raw_config(args.config, _overrides(args))
+    raw = read_raw_config(args.config, config_overrides(args))
     task = resolve_task(args.task, raw, f"the recipe {args.config}" if args.config else "the --set overrides")
     kind = job_kind(task)
     cfg = kind.config_from_dict(raw)

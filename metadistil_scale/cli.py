@@ -56,10 +56,10 @@ def _add_stop_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The validated config that add_config_arguments' options describe."""
-    return load_config(args.config, _overrides(args))
+    return load_config(args.config, config_overrides(args))
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def config_overrides(args: argparse.Namespace) -> list[str]:
     """--set overrides, then the shorthands' (last, so that they win)."""
     overrides = list(args.overrides)
     if args.output_dir:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lm-train":
             from metadistil_scale.lm.recipe import lm_train
 
-            return _until_stopped(lambda: lm_train(args.config, _overrides(args), resume=args.resume,
+            return _until_stopped(lambda: lm_train(args.config, config_overrides(args), resume=args.resume,
                                                    stop_after=args.stop_after))
         if args.command == "lm-experiment":
             return _lm_experiment(args)
@@ -160,7 +160,7 @@ def _lm_experiment(args: argparse.Namespace) -> int:
     from metadistil_scale.report import format_table
 
     quiet_transformers()
-    cfg = load_lm_config(args.config, _overrides(args))
+    cfg = load_lm_config(args.config, config_overrides(args))
     summary = run_lm_experiment(cfg, resume=args.resume)
     if is_main():
         print(format_table(summary))
