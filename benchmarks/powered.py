@@ -44,6 +44,7 @@ from metadistil_scale.trainer import (
 REPO = Path(__file__).resolve().parent.parent
 SMALL_OUTPUTS = ("config.yaml", "runs.json", "runs.csv", "summary.json", "summary.csv", "summary.md",
                  "dev_curves.png", "teacher_dev_curves.png")
+RESOLVED_CONFIG = "config.resolved.yaml"
 
 
 def current_commit() -> dict[str, object]:
@@ -115,6 +116,25 @@ def restore_kept_seeds(kept: Path, out: Path, teacher_sha: str) -> None:
             print(f"{seed_dir.name}: restored from {kept}", file=sys.stderr)
 
 
+def record_teacher(path: Path, teacher_sha: str, result: dict | None) -> None:
+    """The shared teacher's weights hash and fine-tuning result. A teacher found finished (result None) keeps
+    the result recorded when it was trained, if the weights are the same."""
+    if result is None and path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("weights_sha256") == teacher_sha:
+            result = recorded.get("result")
+    atomic_write_text(json.dumps({"weights_sha256": teacher_sha, "result": result}, indent=2) + "\n", path)
+
+
+def copy_small_outputs(out: Path, results: Path) -> None:
+    """The experiment's tables and plots into the results folder. The resolved config goes to
+    config.resolved.yaml: config.yaml there is the pre-registered design, which the runner reads and never writes."""
+    for name in SMALL_OUTPUTS:
+        if (out / name).is_file():
+            target = RESOLVED_CONFIG if name == "config.yaml" else name
+            shutil.copy2(out / name, results / target)
+
+
 def seed_dirs(out: Path) -> list[Path]:
     return [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
 
@@ -148,15 +168,12 @@ def main() -> None:
     kept, teacher_sha = results / "seeds", weights_sha256(teacher_dir)
     restore_kept_seeds(kept, out, teacher_sha)
     kept.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps({"weights_sha256": teacher_sha, "result": teacher.__dict__ if teacher else None}, indent=2) + "\n",
-                      kept / "teacher.json")
+    record_teacher(kept / "teacher.json", teacher_sha, teacher.__dict__ if teacher else None)
     for pairs in range(1, args.max_pairs + 1):
         pin_seed_to_commit(out / f"seed_{pairs - 1}", cfg.methods, commit)
         summary = run_experiment(dataclasses.replace(cfg, seeds=list(range(pairs))), resume=True)
         results.mkdir(parents=True, exist_ok=True)
-        for name in SMALL_OUTPUTS:
-            if (out / name).is_file():
-                shutil.copy2(out / name, results / name)
+        copy_small_outputs(out, results)
         keep_finished_seeds(out, kept, cfg.methods)
         commits = {s.name: json.loads((s / "commit.json").read_text()) for s in seed_dirs(out)
                    if (s / "commit.json").is_file()}

@@ -46,3 +46,23 @@ def test_finished_seeds_are_kept_and_restored_for_the_same_teacher(tmp_path: Pat
     for method in METHODS:
         assert (fresh / "seed_0" / method / "done.json").read_text() == f"{method} done.json\n"
     assert powered.seed_is_done(fresh / "seed_0", METHODS)
+
+
+def test_a_teacher_found_finished_keeps_its_recorded_result(tmp_path: Path) -> None:
+    record = tmp_path / "teacher.json"
+    powered.record_teacher(record, "aa", {"steps": 858, "test": {"accuracy": 0.8267}})
+    powered.record_teacher(record, "aa", None)  # a restart: the teacher's stage was found done
+    assert json.loads(record.read_text())["result"] == {"steps": 858, "test": {"accuracy": 0.8267}}
+    powered.record_teacher(record, "bb", None)  # another teacher: the old result does not describe it
+    assert json.loads(record.read_text()) == {"weights_sha256": "bb", "result": None}
+
+
+def test_the_pre_registered_config_is_never_overwritten(tmp_path: Path) -> None:
+    out, results = tmp_path / "run", tmp_path / "results"
+    write("# the design\nmethods: [kd, metadistil]\n", results / "config.yaml")
+    write("methods:\n- kd\n- metadistil\nseed: 0\n", out / "config.yaml")
+    write("| table |\n", out / "summary.md")
+    powered.copy_small_outputs(out, results)
+    assert (results / "config.yaml").read_text() == "# the design\nmethods: [kd, metadistil]\n"
+    assert (results / powered.RESOLVED_CONFIG).read_text() == (out / "config.yaml").read_text()
+    assert (results / "summary.md").read_text() == "| table |\n"
