@@ -2,6 +2,7 @@
 
     python benchmarks/powered.py                          # benchmarks/results/text_powered/config.yaml
     python benchmarks/powered.py --max-pairs 1            # the first pair only (to check the budget)
+    python benchmarks/powered.py --side-seed 3            # seed 3 in a second process, beside the runner
 
 Sequential design (fixed before the first run): at least --min-pairs pairs, then one more pair at a time until the
 95% t-interval of the paired difference (MetaDistil - KD, test accuracy points) has half-width <= --half-width,
@@ -17,6 +18,10 @@ metrics.jsonl, test_predictions.json, commit.json; not the weights) and the SHA-
 a machine without the run folder the teacher is fine-tuned again (deterministic on the CPU: same seed, same
 data order, one thread); if its weights hash the same, the kept seeds are put back and reused, otherwise they are
 left out and the run says so.
+
+Two seeds at once: with the runner's teacher finished, `--side-seed S` runs seed S alone in <output_dir>_side (same
+config, same teacher checkpoint, its own commit record); when the runner reaches seed S it moves the finished seed
+into its folder and reuses it. Each process uses one thread (OMP_NUM_THREADS=1) on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -135,6 +140,31 @@ def copy_small_outputs(out: Path, results: Path) -> None:
             shutil.copy2(out / name, results / target)
 
 
+def side_folder(out: Path) -> Path:
+    """Where `--side-seed` runs a seed beside the runner: `<output_dir>_side`."""
+    return out.with_name(out.name + "_side")
+
+
+def adopt_side_seed(side_seed: Path, seed_dir: Path, methods: list[str]) -> bool:
+    """Move a seed finished beside the runner into the runner's folder, so that run_experiment reuses it; a
+    half-done copy of the seed in the runner's folder is set aside. Returns whether it moved."""
+    if not seed_is_done(side_seed, methods) or seed_is_done(seed_dir, methods):
+        return False
+    if seed_dir.exists():
+        seed_dir.rename(seed_dir.with_name(f"{seed_dir.name}.superseded"))
+    shutil.move(str(side_seed), str(seed_dir))
+    print(f"{seed_dir.name}: adopted from {side_seed.parent}", file=sys.stderr)
+    return True
+
+
+def run_side_seed(cfg, out: Path, seed: int, commit: dict[str, object]) -> None:
+    """One seed in its own folder beside the runner (a second single-threaded process on a multi-core machine):
+    the same config and teacher checkpoint, so its runs' fingerprints are the runner's and it adopts them."""
+    side = side_folder(out)
+    pin_seed_to_commit(side / f"seed_{seed}", cfg.methods, commit)
+    run_experiment(dataclasses.replace(cfg, output_dir=str(side), seeds=[seed]), resume=True)
+
+
 def seed_dirs(out: Path) -> list[Path]:
     return [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
 
@@ -153,6 +183,8 @@ def main() -> None:
     parser.add_argument("--min-pairs", type=int, default=8)
     parser.add_argument("--max-pairs", type=int, default=16)
     parser.add_argument("--half-width", type=float, default=1.0, help="target half-width, accuracy points")
+    parser.add_argument("--side-seed", type=int, help="run only this seed, beside a running runner (its teacher "
+                        "finished), in <output_dir>_side; the runner adopts it when it reaches that seed")
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.set)
@@ -163,13 +195,20 @@ def main() -> None:
 
     device = resolve_device(cfg)
     configure_cpu_allocator(cfg, device)
+    if args.side_seed is not None and not (out / "teacher" / "done.json").is_file():
+        raise SystemExit(f"error: --side-seed needs the shared teacher finished in {out / 'teacher'}: start the "
+                         "runner first")
     teacher_dir, teacher = fine_tune_teacher(cfg, load_task(cfg), out, device, True, None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint=str(teacher_dir)))
+    if args.side_seed is not None:
+        run_side_seed(cfg, out, args.side_seed, commit)
+        return
     kept, teacher_sha = results / "seeds", weights_sha256(teacher_dir)
     restore_kept_seeds(kept, out, teacher_sha)
     kept.mkdir(parents=True, exist_ok=True)
     record_teacher(kept / "teacher.json", teacher_sha, teacher.__dict__ if teacher else None)
     for pairs in range(1, args.max_pairs + 1):
+        adopt_side_seed(side_folder(out) / f"seed_{pairs - 1}", out / f"seed_{pairs - 1}", cfg.methods)
         pin_seed_to_commit(out / f"seed_{pairs - 1}", cfg.methods, commit)
         summary = run_experiment(dataclasses.replace(cfg, seeds=list(range(pairs))), resume=True)
         results.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,19 @@ def test_the_pre_registered_config_is_never_overwritten(tmp_path: Path) -> None:
     assert (results / "config.yaml").read_text() == "# the design\nmethods: [kd, metadistil]\n"
     assert (results / powered.RESOLVED_CONFIG).read_text() == (out / "config.yaml").read_text()
     assert (results / "summary.md").read_text() == "| table |\n"
+
+
+def test_a_seed_finished_beside_the_runner_is_adopted_once_done(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    side = powered.side_folder(out)
+    assert side == tmp_path / "run_side"
+    _finished_seed(side, 3, METHODS[:1])  # half done beside the runner: left where it is
+    assert not powered.adopt_side_seed(side / "seed_3", out / "seed_3", METHODS)
+    _finished_seed(side, 3, METHODS)
+    write("{}", out / "seed_3" / "kd" / "last.pt")  # the runner had started the seed itself
+    assert powered.adopt_side_seed(side / "seed_3", out / "seed_3", METHODS)
+    assert powered.seed_is_done(out / "seed_3", METHODS) and not (side / "seed_3").exists()
+    assert (out / "seed_3.superseded" / "kd" / "last.pt").is_file()
+    _finished_seed(side, 4, METHODS)
+    _finished_seed(out, 4, METHODS)  # the runner finished it first: its own runs stay
+    assert not powered.adopt_side_seed(side / "seed_4", out / "seed_4", METHODS)
