@@ -245,21 +245,31 @@ def verify_folder(folder: Path, rank: int = 0, world: int = 1) -> None:
                                   "resume from an intact copy, or delete the checkpoint to restart the stage")
 
 
-def fingerprint_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+def fingerprint_differences(saved: dict[str, Any], expected: dict[str, Any],
+                            defaults: dict[str, Any] | None = None) -> list[str]:
     """The dotted keys on which two stage fingerprints differ.
 
-    A key the saved fingerprint lacks, and whose value now is off (null, false, empty), is no difference: the
-    version that wrote it had no such option, so it ran without it. Adding an optional feature therefore keeps
-    finished runs reusable and checkpoints resumable."""
-    saved, now = _flatten(saved), _flatten(expected)
+    A key the saved fingerprint lacks was written by a version without that option, which behaved as the option's
+    default does (a new option defaults to the behaviour from before it). So it is no difference when its value now
+    is its default in `defaults` (the fingerprint of a default config), or, for a key `defaults` does not name,
+    when it is off (null, false, empty). Adding an option therefore keeps finished runs reusable and checkpoints
+    resumable, and a run that now sets it otherwise is refused."""
+    saved, now, default = _flatten(saved), _flatten(expected), _flatten(defaults or {})
+
+    def as_before(key: str) -> bool:
+        if key in default:
+            return now[key] == default[key]
+        return now[key] is None or now[key] is False or now[key] == [] or now[key] == {}
+
     return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not (k not in saved
-                  and (now[k] is None or now[k] is False or now[k] == [] or now[k] == {})))
+                  and as_before(k)))
 
 
-def check_fingerprint(state: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+def check_fingerprint(state: dict[str, Any], expected: dict[str, Any], path: Path,
+                      defaults: dict[str, Any] | None = None) -> None:
     """Refuse a checkpoint written under another configuration, naming the keys that differ."""
     saved, now = _flatten(state.get("config", {})), _flatten(expected)
-    differing = fingerprint_differences(state.get("config", {}), expected)
+    differing = fingerprint_differences(state.get("config", {}), expected, defaults)
     if differing:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in differing[:5])
         more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""

@@ -108,7 +108,7 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             uses_teacher = get_method(method).uses_teacher
             folder = seed_dir / method
             expected = json.loads(json.dumps(stage_fingerprint(run_cfg, method, method)))
-            result = load_done(folder, expected)
+            result = load_done(folder, expected, stage_fingerprint(Config(), method, method))
             if result is None:
                 seed_everything(seed)
                 teacher, student = build_models(run_cfg, task.info, str(teacher_dir), device)

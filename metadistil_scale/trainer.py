@@ -229,7 +229,8 @@ def run_stage(
         key=f"dev_{primary_metric(task.info.metric)}",
         save_best=lambda: _save_best(ctx, out_dir, student, trained_teacher, task, role))
     run = StageRun(name, algorithm, ctx, stream, steps, cfg.log_every, cfg.eval_every, evaluation,
-                   StageCheckpoint(out_dir, fingerprint, models), out_dir / "metrics.jsonl",
+                   StageCheckpoint(out_dir, fingerprint, models, stage_fingerprint(Config(), name, method)),
+                   out_dir / "metrics.jsonl",
                    open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     return _test_best(name, method, steps, state, fingerprint, cfg, task, out_dir, role, student, trained_teacher)
@@ -339,12 +340,14 @@ def _load_best(folder: Path, like: nn.Module) -> nn.Module:
     return load_saved_like(folder, like)
 
 
-def load_done(out_dir: Path, expected_config: dict | None = None) -> StageResult | None:
+def load_done(out_dir: Path, expected_config: dict | None = None, defaults: dict | None = None) -> StageResult | None:
+    """A finished stage's result, if its done.json was written under `expected_config` (see
+    fingerprint_differences for `defaults`)."""
     path = out_dir / "done.json"
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    if expected_config is not None and fingerprint_differences(saved["config"], expected_config):
+    if expected_config is not None and fingerprint_differences(saved["config"], expected_config, defaults):
         return None
     return StageResult(**saved["result"])
 
@@ -392,7 +395,8 @@ def fine_tune_teacher(cfg: Config, task: Task, out: Path, device, resume: bool, 
     done = load_done(folder)
     if done is not None and saved_model_exists(folder / "best"):
         ckpt_config = json.loads((folder / "done.json").read_text())["config"]
-        if not fingerprint_differences(ckpt_config, stage_fingerprint(cfg, "teacher", "finetune")):
+        if not fingerprint_differences(ckpt_config, stage_fingerprint(cfg, "teacher", "finetune"),
+                                       stage_fingerprint(Config(), "teacher", "finetune")):
             if dist.is_main():
                 tqdm.write(f"[teacher] reusing the fine-tuned teacher in {folder / 'best'}")
             return folder / "best", done

@@ -243,3 +243,35 @@ def test_a_deepspeed_folder_is_verified_and_loaded_weights_only(tmp_path, tiny_m
     assert "stopped at step 3" in proc.stdout
     manifest = json.loads((out / "teacher" / "last" / "step-00000003" / "manifest.json").read_text())
     assert "trainer.pt" in manifest and any(name.startswith("student/") for name in manifest)
+
+
+def _without(fingerprint: dict, section: str, key: str) -> dict:
+    """The fingerprint a version without the option `section.key` wrote."""
+    older = json.loads(json.dumps(fingerprint))
+    del older[section][key]
+    return older
+
+
+def test_an_option_newer_than_a_finished_run_matches_only_at_its_default(tmp_path):
+    """meta.quiz_train_mode came after runs that always ran the quiz in train mode (its default, true): such a
+    run is reused when the option is at its default, and refused when it is now off."""
+    from dataclasses import replace
+
+    from metadistil_scale.checkpoint import fingerprint_differences
+    from metadistil_scale.config import Config, load_config
+    from metadistil_scale.trainer import load_done, stage_fingerprint
+
+    cfg = load_config(None, [])
+    defaults = stage_fingerprint(Config(), "metadistil", "metadistil")
+    older = _without(stage_fingerprint(cfg, "metadistil", "metadistil"), "meta", "quiz_train_mode")
+    result = {"name": "metadistil", "method": "metadistil", "steps": 3, "best_dev": 0.7, "best_step": 3,
+              "test": {"accuracy": 0.7}, "wall_time_s": 1.0}
+    (tmp_path / "done.json").write_text(json.dumps({"config": older, "result": result}))
+
+    now_default = stage_fingerprint(cfg, "metadistil", "metadistil")
+    off = replace(cfg, meta=replace(cfg.meta, quiz_train_mode=False))
+    now_off = stage_fingerprint(off, "metadistil", "metadistil")
+    assert fingerprint_differences(older, now_default, defaults) == []
+    assert fingerprint_differences(older, now_off, defaults) == ["meta.quiz_train_mode"]
+    assert load_done(tmp_path, now_default, defaults).test == {"accuracy": 0.7}
+    assert load_done(tmp_path, now_off, defaults) is None

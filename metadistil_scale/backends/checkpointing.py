@@ -59,8 +59,10 @@ class StageCheckpoint:
     """The `last` checkpoint of one stage in `out_dir`; `models` maps names ("student", "teacher") to backend
     models. One model whose state is per rank (`sharded_checkpoint`) makes it a folder."""
 
-    def __init__(self, out_dir: Path, fingerprint: dict[str, Any], models: dict[str, BackendModel]) -> None:
-        self.fingerprint, self.models = fingerprint, models
+    def __init__(self, out_dir: Path, fingerprint: dict[str, Any], models: dict[str, BackendModel],
+                 defaults: dict[str, Any] | None = None) -> None:
+        # defaults: the fingerprint of a default config, for options newer than a checkpoint (fingerprint_differences)
+        self.fingerprint, self.models, self.defaults = fingerprint, models, defaults
         self.sharded = any(m.sharded_checkpoint for m in models.values())
         self.path = out_dir / ("last" if self.sharded else "last.pt")
         if dist.is_main():  # a stage starts: nothing of this run writes here yet
@@ -97,7 +99,7 @@ class StageCheckpoint:
 
     def _load_file(self) -> dict[str, Any]:
         ckpt = load_checkpoint(self.path)
-        check_fingerprint(ckpt, self.fingerprint, self.path)
+        check_fingerprint(ckpt, self.fingerprint, self.path, self.defaults)
         for name, model in self.models.items():
             if name in ckpt:
                 model.load_state_dict(ckpt[name])
@@ -149,7 +151,7 @@ class StageCheckpoint:
         folder = latest_folder(self.path)
         self._verify(folder)
         ckpt = load_checkpoint(folder / "trainer.pt")
-        check_fingerprint(ckpt, self.fingerprint, folder)
+        check_fingerprint(ckpt, self.fingerprint, folder, self.defaults)
         if ckpt["world_size"] != dist.world_size():
             raise CheckpointError(
                 f"{folder} was written by {ckpt['world_size']} ranks and this run has {dist.world_size()}: "

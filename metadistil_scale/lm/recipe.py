@@ -266,7 +266,8 @@ def train_method(
     run = StageRun(method, algorithm, ctx, _stream(splits["train"], stage.batch_size, cfg.seed,
                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
-                   StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models), out_dir / "metrics.jsonl",
+                   StageCheckpoint(out_dir, lm_stage_fingerprint(cfg, method), models,
+                                   lm_stage_fingerprint(LMConfig(), method)), out_dir / "metrics.jsonl",
                    open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     if tokenizer is not None:
@@ -325,6 +326,14 @@ def lm_stage_fingerprint(cfg: LMConfig, method: str) -> dict[str, Any]:
             "teacher_finetune": full["teacher_finetune"] if cfg.model.finetune_teacher else None}
 
 
+def lm_teacher_fingerprint(cfg: LMConfig) -> dict[str, Any]:
+    """What the teacher stage's checkpoint must agree with: its data, its optimisation, the teacher model."""
+    full = dataclasses.asdict(cfg)
+    return {"method": "finetune", "stage": "teacher",
+            **{k: full[k] for k in ("seed", "dtype", "eval_every", "data", "teacher_finetune")},
+            "model": {k: full["model"][k] for k in ("teacher", "teacher_attn_implementation", "chunk_rows")}}
+
+
 def _heldout_record(ctx: StepContext, heldout: LMRows, cfg: LMConfig, device: torch.device) -> dict[str, float]:
     """heldout_* metrics of the trained model and teacher_heldout_* of a teacher that trains. Every rank
     evaluates the whole split (ZeRO-3 forwards are collective); rank 0's figures decide for all."""
@@ -354,15 +363,12 @@ def fine_tune_lm_teacher(cfg: LMConfig, job: LMJob, out_dir: Path, *, resume: bo
     ctx = StepContext(teacher, None, cfg.distill, cfg.meta, job.device, role="teacher")
     evaluation = Evaluation(run=lambda: _heldout_record(ctx, job.splits["heldout"], cfg, job.device),
                             key="heldout_perplexity", higher_is_better=False)
-    full = dataclasses.asdict(cfg)
-    fingerprint = {"method": "finetune", "stage": "teacher", **{k: full[k] for k in ("seed", "dtype", "eval_every",
-                                                                                    "data", "teacher_finetune")},
-                   "model": {k: full["model"][k] for k in ("teacher", "teacher_attn_implementation", "chunk_rows")}}
     out_dir.mkdir(parents=True, exist_ok=True)
     run = StageRun("teacher", get_method("finetune"), ctx, _stream(job.splits["train"], stage.batch_size, cfg.seed,
                                                                    stage.micro_batch_size),
                    steps, cfg.log_every, cfg.eval_every, evaluation,
-                   StageCheckpoint(out_dir, fingerprint, {"teacher": teacher}), out_dir / "metrics.jsonl",
+                   StageCheckpoint(out_dir, lm_teacher_fingerprint(cfg), {"teacher": teacher},
+                                   lm_teacher_fingerprint(LMConfig())), out_dir / "metrics.jsonl",
                    open_trackers=stage_trackers(cfg, out_dir))
     state = run_stage_loop(run, resume=resume, seed=cfg.seed, stop_after=stop_after, on_checkpoint=on_checkpoint)
     with teacher.gathered():  # whole weights on every rank, also under ZeRO-3
