@@ -190,8 +190,7 @@ def main() -> None:
                   f"{r['optimizer'] / MB:.1f} | {' / '.join(f'{t / MB:.1f}' for t in totals)} | "
                   f"{max(totals) / first:.2f} | {r['buffers'] / MB:.1f} | {r['step_s']:.2f} |")
         print("(params/grads/optimizer/buckets: rank 0; 'vs first': the fullest rank against the first config's)")
-    dist.barrier()
-    dist.destroy()
+    dist.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in this rank; returns the code the launcher should see. An exception propagates, so the
+    launcher reports this rank as failed and stops the others (a barrier here could wait on a peer that is
+    inside another collective)."""
     from metadistil_scale import cli
     from metadistil_scale.backends import dist
     from metadistil_scale.trainer import PLANNED_STOP_EXIT
@@ -39,14 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     # Join the group before anything else runs; DeepSpeed's initialiser serves both backends (NCCL on GPUs,
     # gloo on CPUs).
     dist.init_distributed(use_deepspeed=True)
-    try:
-        code = cli.main(argv)
-    finally:
-        dist.destroy()
+    code = cli.main(argv)
     # A planned --stop-after is a success for the launcher: torchrun and deepspeed report any other code as a
     # crashed rank (ChildFailedError and a traceback). The printed line says where the run stopped.
     return 0 if code == PLANNED_STOP_EXIT else code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from metadistil_scale.backends import dist
+
+    dist.exit_process(main())

@@ -138,8 +138,7 @@ def main(spec: Path, out: Path) -> None:
         result = run_job(job, out)
         if dist.is_main():
             torch.save(result, out / f"{job['name']}.pt")
-    dist.barrier()
-    dist.destroy()
+    dist.exit_process(0)
 
 
 if __name__ == "__main__":

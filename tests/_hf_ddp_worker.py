@@ -49,3 +49,4 @@ def refusal(args: TrainingArguments) -> str:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    dist.exit_process(0)

@@ -68,8 +68,7 @@ def main(out: Path, objective: str) -> None:
     params = run("zero3", OBJECTIVES[objective])
     if dist.is_main():
         torch.save(params, out)
-    dist.barrier()
-    dist.destroy()
+    dist.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(out: str) -> None:
     student_state = {n: p.detach().clone() for n, p in student.module.lm.named_parameters()}
     if dist.is_main():
         torch.save({"teacher": teacher_state, "student": student_state, "world": world}, out)
-    dist.destroy()
+    dist.exit_process(0)
 
 
 if __name__ == "__main__":

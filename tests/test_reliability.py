@@ -199,6 +199,32 @@ def test_stop_after_under_torchrun_is_not_a_crash(tmp_path, tiny_models):
     assert "stopped at step 2/4" in output and "ChildFailedError" not in output and "Traceback" not in output
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+from metadistil_scale.backends import dist
+
+class Finalized:
+    def __del__(self, open=open, path=sys.argv[1] + "/finalized"):  # builtins are gone late in finalization
+        open(path, "w").close()
+
+kept = Finalized()
+atexit.register(lambda: open(sys.argv[1] + "/atexit", "w").close())
+sys.stdout.write("buffered, no newline")
+dist.exit_process(3)
+"""
+
+
+def test_exit_process_runs_exit_handlers_flushes_and_skips_finalization(tmp_path):
+    """A launched rank leaves through dist.exit_process: loggers' and trackers' exit handlers run and output is
+    flushed, but interpreter finalization (where gloo's threads abort the process) does not run."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").is_file()
+    assert not (tmp_path / "finalized").exists()
+
+
 def test_lm_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for source in (str(tmp_path / "no_such_folder"), "no-such-org/no-such-lm"):

@@ -7,9 +7,12 @@ Ranks come from torchrun or the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
-from typing import Any
+import sys
+import threading
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -73,6 +76,29 @@ def destroy() -> None:
         # can abort in gloo's background threads ("terminate called without an active exception").
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a launched worker process: after a success, tear the group down together (`destroy`); then run the
+    exit handlers (loggers, trackers), flush, and leave without interpreter finalization.
+
+    Why not a plain return: destroy_process_group does not stop gloo's worker threads (the process group lives
+    on while DeepSpeed's engines hold it), and such a thread may still hold the last reference to a finished
+    collective, whose tensors' Python objects it must release under the GIL. Once the interpreter is finalizing,
+    a thread that asks for the GIL is made to exit, and unwinding a gloo thread ends in std::terminate: a SIGABRT
+    ("terminate called without an active exception") after all the work was done, seen in about one of three
+    2-rank CPU launches. Skipping finalization removes the race; everything worth keeping was written before.
+    A failed rank skips the barrier, since its peers may be inside another collective: the launcher stops them.
+    """
+    if code == 0:
+        destroy()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:
