@@ -59,7 +59,7 @@ def main() -> None:
     aborted = sum(bool(r["aborted"]) for r in runs)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    summary = {"commit": commit, "worker": str(args.worker), "launches": len(runs), "failed": failed,
+    summary = {"commit": commit, "worker": args.worker.name, "launches": len(runs), "failed": failed,
                "aborted": aborted, "runs": runs}
     print(f"| commit | worker | launches | failed | of which gloo aborts |\n|---|---|---|---|---|\n"
           f"| {commit} | {args.worker.name} | {len(runs)} | {failed} | {aborted} |")
