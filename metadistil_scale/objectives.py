@@ -531,7 +531,9 @@ def check_terms_fit(c: Config) -> None:
     on a regression; attention maps only from the eager attention; layer maps and head counts that fit the
     models' config files when those are on this machine (otherwise prepare_models checks them once the models
     are built, before any training step)."""
-    objective = Objective.from_config(c.distill, task_is_regression(c.data.task))
+    from metadistil_scale.data.text import is_regression_task  # the task table lives with the loaders
+
+    objective = Objective.from_config(c.distill, is_regression_task(c.data.task))
     layered = [t for t in objective.terms if TERMS[t.kind].reads_layers]
     if not layered or c.data.task in IMAGE_TASKS:  # CNNs: config.validate refuses per-layer terms
         return
@@ -544,9 +546,3 @@ def check_terms_fit(c: Config) -> None:
     teacher = config_shape(c.model.teacher_checkpoint or c.model.teacher)
     if student is not None and teacher is not None:
         check_layer_maps(objective.terms, student, teacher, " (from the models' config files)")
-
-
-def task_is_regression(task: str) -> bool:
-    from metadistil_scale.data.text import _GLUE  # the task table: STS-B is the one regression
-
-    return task in _GLUE and _GLUE[task][0].is_regression

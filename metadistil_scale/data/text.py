@@ -85,6 +85,11 @@ _RT_LABELS = {"rotten": 0, "fresh": 1}
 KNOWN_TASKS: tuple[str, ...] = ("rotten_tomatoes", *_GLUE)
 
 
+def is_regression_task(name: str) -> bool:
+    """A task scored by regression (one output): STS-B among the known ones."""
+    return name in _GLUE and _GLUE[name][0].is_regression
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
