@@ -3,6 +3,7 @@
     python benchmarks/powered.py                          # benchmarks/results/text_powered/config.yaml
     python benchmarks/powered.py --max-pairs 1            # the first pair only (to check the budget)
     python benchmarks/powered.py --side-seed 3            # seed 3 in a second process, beside the runner
+    python benchmarks/powered.py --report                 # the report from the kept seeds alone (no training)
 
 Sequential design (fixed before the first run): at least --min-pairs pairs, then one more pair at a time until the
 95% t-interval of the paired difference (MetaDistil - KD, test accuracy points) has half-width <= --half-width,
@@ -22,11 +23,16 @@ left out and the run says so.
 Two seeds at once: with the runner's teacher finished, `--side-seed S` runs seed S alone in <output_dir>_side (same
 config, same teacher checkpoint, its own commit record); when the runner reaches seed S it moves the finished seed
 into its folder and reuses it. Each process uses one thread (OMP_NUM_THREADS=1) on a 2-core machine.
+
+The report (runs, summary, curves, and pairs.md / pairs.csv: one row per seed with its commit) is written from the
+kept seeds after each pair, so it covers every finished seed, those finished beside the runner included; `--report`
+writes it alone, on any machine, without the run folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import hashlib
 import json
@@ -37,8 +43,11 @@ from pathlib import Path
 
 from metadistil_scale.checkpoint import atomic_write_text
 from metadistil_scale.config import ConfigError, load_config
-from metadistil_scale.experiment import run_experiment
+from metadistil_scale.experiment import TEACHER, run_experiment, run_record, write_report
+from metadistil_scale.methods import get_method
+from metadistil_scale.metrics import primary_metric
 from metadistil_scale.trainer import (
+    StageResult,
     StopRequested,
     configure_cpu_allocator,
     fine_tune_teacher,
@@ -169,6 +178,66 @@ def seed_dirs(out: Path) -> list[Path]:
     return [s for s in sorted(out.glob("seed_*")) if s.name.removeprefix("seed_").isdigit()]
 
 
+PAIR_COLUMNS = ("seed", "commit", "dirty", "kd_test", "kd_best_dev", "kd_best_step", "metadistil_test",
+                "metadistil_best_dev", "metadistil_best_step", "diff_points", "teacher_after_metadistil",
+                "kd_wall_s", "metadistil_wall_s")
+
+
+def report_kept_seeds(kept: Path, results: Path, methods: list[str], *, task: str, metric: str) -> dict | None:
+    """Runs, summary, curves and the per-pair table in `results`, from the kept seeds alone (every seed finished
+    in both arms, in seed order). The teacher's row is its recorded fine-tuning result. None when no seed is done."""
+    teacher = json.loads((kept / "teacher.json").read_text()).get("result") if (kept / "teacher.json").is_file() else None
+    teacher_metric = None if teacher is None else teacher["test"][metric]
+    done = sorted((s for s in seed_dirs(kept) if seed_is_done(s, methods)), key=lambda s: int(s.name[5:]))
+    if not done:
+        return None
+    records, pairs = [], []
+    for seed_dir in done:
+        seed = int(seed_dir.name.removeprefix("seed_"))
+        if teacher_metric is not None:
+            records.append({"method": TEACHER, "seed": seed, "metric": teacher_metric, "teacher_metric": None,
+                            "wall_time_s": teacher["wall_time_s"]})
+        runs = {}
+        for method in methods:
+            runs[method] = StageResult(**json.loads((seed_dir / method / "done.json").read_text())["result"])
+            records.append(run_record(runs[method], seed, metric, seed_dir / method,
+                                      teacher_metric if get_method(method).uses_teacher else None))
+        if {"kd", "metadistil"} <= set(runs):
+            pairs.append(pair_row(seed, json.loads((seed_dir / "commit.json").read_text()), runs, metric))
+    results.mkdir(parents=True, exist_ok=True)
+    summary = write_report(records, results, task=task, metric=metric, predictions_from=kept)
+    write_pairs_table(pairs, results)
+    return summary
+
+
+def pair_row(seed: int, commit: dict, runs: dict[str, StageResult], metric: str) -> dict:
+    kd, meta = runs["kd"], runs["metadistil"]
+    return {"seed": seed, "commit": str(commit["commit"])[:7], "dirty": bool(commit["dirty"]),
+            "kd_test": kd.test[metric], "kd_best_dev": kd.best_dev, "kd_best_step": kd.best_step,
+            "metadistil_test": meta.test[metric], "metadistil_best_dev": meta.best_dev,
+            "metadistil_best_step": meta.best_step, "diff_points": 100 * (meta.test[metric] - kd.test[metric]),
+            "teacher_after_metadistil": (meta.teacher_test or {}).get(metric),
+            "kd_wall_s": kd.wall_time_s, "metadistil_wall_s": meta.wall_time_s}
+
+
+def write_pairs_table(pairs: list[dict], results: Path) -> None:
+    """pairs.csv (every field) and pairs.md (the table RESULTS.md shows; * = the seed ran with modified files)."""
+    with (results / "pairs.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, PAIR_COLUMNS)
+        writer.writeheader()
+        writer.writerows(pairs)
+    md = ["| seed | commit | KD test | KD best dev (step) | MetaDistil test | MetaDistil best dev (step) | "
+          "MetaDistil − KD, points | teacher after MetaDistil | wall s KD / MetaDistil |", "|---" * 9 + "|"]
+    for p in pairs:
+        teacher = "–" if p["teacher_after_metadistil"] is None else f"{p['teacher_after_metadistil']:.4f}"
+        diff = f"{p['diff_points']:+.2f}".replace("-", "−")
+        md.append(f"| {p['seed']} | {p['commit']}{'*' if p['dirty'] else ''} | {p['kd_test']:.4f} | "
+                  f"{p['kd_best_dev']:.4f} ({p['kd_best_step']}) | {p['metadistil_test']:.4f} | "
+                  f"{p['metadistil_best_dev']:.4f} ({p['metadistil_best_step']}) | {diff} | {teacher} | "
+                  f"{p['kd_wall_s']:,.0f} / {p['metadistil_wall_s']:,.0f} |")
+    atomic_write_text("\n".join(md) + "\n", results / "pairs.md")
+
+
 def half_width(summary: dict) -> float | None:
     paired = summary.get("paired") or {}
     ci = paired.get("ci95")
@@ -183,6 +252,8 @@ def main() -> None:
     parser.add_argument("--min-pairs", type=int, default=8)
     parser.add_argument("--max-pairs", type=int, default=16)
     parser.add_argument("--half-width", type=float, default=1.0, help="target half-width, accuracy points")
+    parser.add_argument("--report", action="store_true", help="only write the report from the kept seeds in "
+                        "--results (no training, no run folder needed)")
     parser.add_argument("--side-seed", type=int, help="run only this seed, beside a running runner (its teacher "
                         "finished), in <output_dir>_side; the runner adopts it when it reaches that seed")
     args = parser.parse_args()
@@ -192,13 +263,21 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from None
     out, results = Path(cfg.output_dir), Path(args.results)
     commit = current_commit()
+    task = load_task(cfg)
+    report = dict(task=task.info.name, metric=primary_metric(task.info.metric))
+    if args.report:
+        summary = report_kept_seeds(results / "seeds", results, cfg.methods, **report)
+        if summary is None:
+            raise SystemExit(f"error: no seed finished in both arms in {results / 'seeds'}")
+        print((results / "summary.md").read_text() + "\n" + (results / "pairs.md").read_text(), end="")
+        return
 
     device = resolve_device(cfg)
     configure_cpu_allocator(cfg, device)
     if args.side_seed is not None and not (out / "teacher" / "done.json").is_file():
         raise SystemExit(f"error: --side-seed needs the shared teacher finished in {out / 'teacher'}: start the "
                          "runner first")
-    teacher_dir, teacher = fine_tune_teacher(cfg, load_task(cfg), out, device, True, None)
+    teacher_dir, teacher = fine_tune_teacher(cfg, task, out, device, True, None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher_checkpoint=str(teacher_dir)))
     if args.side_seed is not None:
         run_side_seed(cfg, out, args.side_seed, commit)
@@ -214,6 +293,7 @@ def main() -> None:
         results.mkdir(parents=True, exist_ok=True)
         copy_small_outputs(out, results)
         keep_finished_seeds(out, kept, cfg.methods)
+        report_kept_seeds(kept, results, cfg.methods, **report)
         commits = {s.name: json.loads((s / "commit.json").read_text()) for s in seed_dirs(out)
                    if (s / "commit.json").is_file()}
         atomic_write_text(json.dumps(commits, indent=2) + "\n", results / "commits.json")

@@ -141,13 +141,16 @@ def _correct_by_seed(out: Path, method: str, seeds: list[int]) -> np.ndarray | N
     return np.stack(rows)
 
 
-def write_report(records: list[dict], out: Path, *, task: str, metric: str) -> dict[str, Any]:
-    """runs.json/csv, summary.{json,csv,md} and the two curve plots from the run records."""
+def write_report(records: list[dict], out: Path, *, task: str, metric: str,
+                 predictions_from: Path | None = None) -> dict[str, Any]:
+    """runs.json/csv, summary.{json,csv,md} and the two curve plots from the run records; the test predictions are
+    read from seed_<s>/<method>/ under `predictions_from` (default: `out`)."""
     summary = summarize(records)
     summary.update(task=task, metric=metric)
     paired = summary["paired"]
     if paired is not None and metric == "accuracy":
-        correct = [_correct_by_seed(out, paired[arm], paired["seeds"]) for arm in ("method", "baseline")]
+        correct = [_correct_by_seed(predictions_from or out, paired[arm], paired["seeds"])
+                   for arm in ("method", "baseline")]
         if correct[0] is not None and correct[1] is not None:
             paired["per_example"] = per_example_bootstrap(*correct)
     atomic_write_text(json.dumps(records, indent=2) + "\n", out / "runs.json")

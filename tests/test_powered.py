@@ -82,3 +82,40 @@ def test_a_seed_finished_beside_the_runner_is_adopted_once_done(tmp_path: Path) 
     _finished_seed(side, 4, METHODS)
     _finished_seed(out, 4, METHODS)  # the runner finished it first: its own runs stay
     assert not powered.adopt_side_seed(side / "seed_4", out / "seed_4", METHODS)
+
+
+KEPT = Path(__file__).parent.parent / "benchmarks/results/text_powered/seeds"
+
+
+def test_the_report_from_kept_seeds_covers_every_finished_seed_and_only_those(tmp_path: Path) -> None:
+    """Real kept seeds of the powered comparison: the paired difference and the per-example bootstrap's point value
+    are recomputed here from each run's done.json and test predictions."""
+    import shutil
+
+    kept, results = tmp_path / "seeds", tmp_path / "results"
+    kept.mkdir()
+    shutil.copy2(KEPT / "teacher.json", kept / "teacher.json")
+    for seed in (0, 1, 4):
+        shutil.copytree(KEPT / f"seed_{seed}", kept / f"seed_{seed}")
+    (kept / "seed_4" / "metadistil" / "done.json").unlink()  # half done: left out
+    summary = powered.report_kept_seeds(kept, results, METHODS, task="rotten_tomatoes", metric="accuracy")
+
+    def test_accuracy(seed: int, method: str) -> float:
+        return json.loads((KEPT / f"seed_{seed}" / method / "done.json").read_text())["result"]["test"]["accuracy"]
+
+    def predicted_accuracy(seed: int, method: str) -> float:
+        kept_predictions = json.loads((KEPT / f"seed_{seed}" / method / "test_predictions.json").read_text())
+        labels = kept_predictions["labels"]
+        return sum(a == b for a, b in zip(kept_predictions["student"], labels)) / len(labels)
+
+    diffs = [test_accuracy(s, "metadistil") - test_accuracy(s, "kd") for s in (0, 1)]
+    paired = summary["paired"]
+    assert paired["seeds"] == [0, 1] and abs(paired["mean_diff"] - sum(diffs) / 2) < 1e-12
+    from_predictions = [predicted_accuracy(s, "metadistil") - predicted_accuracy(s, "kd") for s in (0, 1)]
+    assert abs(paired["per_example"]["mean_diff"] - sum(from_predictions) / 2) < 1e-12
+    rows = (results / "pairs.csv").read_text().splitlines()
+    assert rows[0].startswith("seed,commit,dirty,kd_test") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    table = (results / "pairs.md").read_text()
+    assert f"| {100 * diffs[1]:+.2f}".replace("-", "−") + " |" in table
+    assert (results / "dev_curves.png").stat().st_size > 0 and (results / "summary.md").is_file()
+    assert powered.report_kept_seeds(tmp_path / "none", results, METHODS, task="t", metric="accuracy") is None
