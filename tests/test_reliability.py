@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -232,3 +233,25 @@ def test_lm_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, monkeypatc
                              "--set", "data.max_documents=50"], capsys)
         assert code == 2
         assert_one_line(err, f"{source}: not a local model folder")
+
+
+@pytest.mark.slow
+def test_deepspeed_launch_leaves_no_shared_memory_buffers(tmp_path, monkeypatch):
+    """DeepSpeed's CPU all-reduce keeps a 69 MB /dev/shm file per rank and never unlinks it; init_distributed
+    unlinks each rank's once all are mapped, and the shared-memory all-reduce still sums right afterwards."""
+    from test_deepspeed import _env, _free_port
+
+    from metadistil_scale.backends import dist
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "tests" / "_shm_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["sum"] == [3.0, 3.0, 3.0]
+        assert seen["named"] == []  # unlinked while the launch ran
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the launcher's default address
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert [str(p) for p in map(dist.shm_buffer_path, range(2)) if p.exists()] == []

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -66,8 +67,30 @@ def init_distributed(use_deepspeed: bool) -> None:
         # DeepSpeed logs each engine's whole configuration at INFO, on every rank.
         deepspeed.utils.logger.setLevel(logging.WARNING)
         deepspeed.init_distributed()
+        release_shm_buffer()
     else:
         torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shm_buffer_path(rank_: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps rank `rank_`'s buffer (its naming in
+    deepspeed/ops/csrc/cpu/comm/shm.cpp: user id, MASTER_ADDR, MASTER_PORT, rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer once every rank has mapped every buffer.
+
+    With all ranks on one machine under the deepspeed launcher (LOCAL_SIZE = world size), DeepSpeed's CPU
+    all-reduce creates one 69 MB /dev/shm file per rank and never unlinks it: each launch, finished or killed,
+    leaves world size × 69 MB of memory behind. init_distributed returns only after this rank has mapped all its
+    peers' files, so after a barrier the names can go: the mappings stay valid, and the memory is freed when the
+    last process of the launch ends, however it ends."""
+    if world_size() < 2:
+        return
+    torch_dist.barrier()
+    shm_buffer_path(rank()).unlink(missing_ok=True)
 
 
 def destroy() -> None:
