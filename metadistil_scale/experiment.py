@@ -89,6 +89,7 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     metric = primary_metric(task.info.metric)
 
     records = []
+    given_teacher_metric: dict[str, float] = {}  # a given checkpoint is the same for every seed: measure it once
     for seed in cfg.seeds:
         # One tracking folder and one teacher cache for the whole experiment (runs named seed_<s>/<method>).
         run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(out / f"seed_{seed}"),
@@ -97,8 +98,11 @@ def run_experiment(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         seed_dir = Path(run_cfg.output_dir)
         teacher_dir, teacher_result = fine_tune_teacher(run_cfg, task, seed_dir, device, resume, None)
         if teacher_result is None:  # a given teacher checkpoint: measure it
-            teacher, _ = build_models(run_cfg, task.info, str(teacher_dir), device)
-            teacher_metric = evaluate(teacher, "teacher", task, "test", cfg.eval_batch_size, device)[metric]
+            if str(teacher_dir) not in given_teacher_metric:
+                teacher, _ = build_models(run_cfg, task.info, str(teacher_dir), device)
+                given_teacher_metric[str(teacher_dir)] = evaluate(teacher, "teacher", task, "test",
+                                                                  cfg.eval_batch_size, device)[metric]
+            teacher_metric = given_teacher_metric[str(teacher_dir)]
         else:
             teacher_metric = teacher_result.test[metric]
         records.append({"method": TEACHER, "seed": seed, "metric": teacher_metric, "teacher_metric": None,

@@ -112,6 +112,32 @@ def test_tiny_image_experiment_through_the_cli(tmp_path: Path, capsys: pytest.Ca
     assert json.loads((out / "runs.json").read_text()) == runs
 
 
+def test_a_given_teacher_checkpoint_is_measured_once_for_all_seeds(tmp_path: Path, monkeypatch) -> None:
+    """With model.teacher_checkpoint every seed shares one teacher: its test metric is measured once, and it is
+    the metric the fine-tuning recorded for those weights."""
+    from metadistil_scale import experiment
+
+    data = write_fashion(tmp_path / "fmnist")
+    common = [f"--set={s}" for s in (
+        "data.task=fashion_mnist", f"data.data_files.train={data}", "model.teacher=cv:resnet8",
+        "model.student=cv:resnet8", "model.student_layers=null", "methods=[kd]", "teacher_finetune.max_steps=2",
+        "student_train.max_steps=1", "eval_every=1", "teacher_finetune.batch_size=8", "student_train.batch_size=8",
+    )]
+    assert main(["experiment", "--output-dir", str(tmp_path / "first"), *common, "--set=seeds=[0]"]) == 0
+    checkpoint = tmp_path / "first" / "seed_0" / "teacher" / "best"
+    recorded = json.loads((tmp_path / "first" / "seed_0" / "teacher" / "done.json").read_text())["result"]["test"]
+
+    roles = []
+    real_evaluate = experiment.evaluate
+    monkeypatch.setattr(experiment, "evaluate", lambda model, role, *a: roles.append(role) or real_evaluate(model, role, *a))
+    out = tmp_path / "given"
+    assert main(["experiment", "--output-dir", str(out), *common, "--set=seeds=[0, 1, 2]",
+                 f"--set=model.teacher_checkpoint={checkpoint}"]) == 0
+    assert roles == ["teacher"]
+    teacher_rows = [r["metric"] for r in json.loads((out / "runs.json").read_text()) if r["method"] == "teacher"]
+    assert teacher_rows == [pytest.approx(recorded["accuracy"])] * 3
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load_and_validate(path: Path) -> None:
     if path.name.startswith("lm_"):  # the causal-LM recipe has its own config
