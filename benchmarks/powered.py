@@ -4,6 +4,7 @@
     python benchmarks/powered.py --max-pairs 1            # the first pair only (to check the budget)
     python benchmarks/powered.py --side-seed 3            # seed 3 in a second process, beside the runner
     python benchmarks/powered.py --report                 # the report from the kept seeds alone (no training)
+    python benchmarks/powered.py --report --pairs 8       # ... of seeds 0-7 only: the design's reading at 8 pairs
 
 Sequential design (fixed before the first run): at least --min-pairs pairs, then one more pair at a time until the
 95% t-interval of the paired difference (MetaDistil - KD, test accuracy points) has half-width <= --half-width,
@@ -183,12 +184,15 @@ PAIR_COLUMNS = ("seed", "commit", "dirty", "kd_test", "kd_best_dev", "kd_best_st
                 "kd_wall_s", "metadistil_wall_s")
 
 
-def report_kept_seeds(kept: Path, results: Path, methods: list[str], *, task: str, metric: str) -> dict | None:
+def report_kept_seeds(kept: Path, results: Path, methods: list[str], *, task: str, metric: str,
+                      below: int | None = None) -> dict | None:
     """Runs, summary, curves and the per-pair table in `results`, from the kept seeds alone (every seed finished
-    in both arms, in seed order). The teacher's row is its recorded fine-tuning result. None when no seed is done."""
+    in both arms, in seed order; only seeds < `below` when given: the design reads seeds 0..N-1). The teacher's row
+    is its recorded fine-tuning result. None when no seed is done."""
     teacher = json.loads((kept / "teacher.json").read_text()).get("result") if (kept / "teacher.json").is_file() else None
     teacher_metric = None if teacher is None else teacher["test"][metric]
-    done = sorted((s for s in seed_dirs(kept) if seed_is_done(s, methods)), key=lambda s: int(s.name[5:]))
+    done = sorted((s for s in seed_dirs(kept) if seed_is_done(s, methods)
+                   and (below is None or int(s.name[5:]) < below)), key=lambda s: int(s.name[5:]))
     if not done:
         return None
     records, pairs = [], []
@@ -254,6 +258,8 @@ def main() -> None:
     parser.add_argument("--half-width", type=float, default=1.0, help="target half-width, accuracy points")
     parser.add_argument("--report", action="store_true", help="only write the report from the kept seeds in "
                         "--results (no training, no run folder needed)")
+    parser.add_argument("--pairs", type=int, help="with --report: seeds 0..PAIRS-1 only (the design's reading "
+                        "after PAIRS pairs; default: every finished seed)")
     parser.add_argument("--side-seed", type=int, help="run only this seed, beside a running runner (its teacher "
                         "finished), in <output_dir>_side; the runner adopts it when it reaches that seed")
     args = parser.parse_args()
@@ -266,7 +272,8 @@ def main() -> None:
     task = load_task(cfg)
     report = dict(task=task.info.name, metric=primary_metric(task.info.metric))
     if args.report:
-        summary = report_kept_seeds(results / "seeds", results, cfg.methods, **report)
+        summary = report_kept_seeds(results / "seeds", results, cfg.methods, **report,
+                                    below=args.pairs)
         if summary is None:
             raise SystemExit(f"error: no seed finished in both arms in {results / 'seeds'}")
         print((results / "summary.md").read_text() + "\n" + (results / "pairs.md").read_text(), end="")

@@ -119,3 +119,5 @@ def test_the_report_from_kept_seeds_covers_every_finished_seed_and_only_those(tm
     assert f"| {100 * diffs[1]:+.2f}".replace("-", "−") + " |" in table
     assert (results / "dev_curves.png").stat().st_size > 0 and (results / "summary.md").is_file()
     assert powered.report_kept_seeds(tmp_path / "none", results, METHODS, task="t", metric="accuracy") is None
+    first = powered.report_kept_seeds(kept, results, METHODS, task="rotten_tomatoes", metric="accuracy", below=1)
+    assert first["paired"]["seeds"] == [0] and abs(first["paired"]["mean_diff"] - diffs[0]) < 1e-12
