@@ -191,13 +191,12 @@ def report_kept_seeds(kept: Path, results: Path, methods: list[str], *, task: st
     is its recorded fine-tuning result. None when no seed is done."""
     teacher = json.loads((kept / "teacher.json").read_text()).get("result") if (kept / "teacher.json").is_file() else None
     teacher_metric = None if teacher is None else teacher["test"][metric]
-    done = sorted((s for s in seed_dirs(kept) if seed_is_done(s, methods)
-                   and (below is None or int(s.name[5:]) < below)), key=lambda s: int(s.name[5:]))
+    done = sorted((int(s.name.removeprefix("seed_")), s) for s in seed_dirs(kept) if seed_is_done(s, methods))
+    done = [(seed, folder) for seed, folder in done if below is None or seed < below]
     if not done:
         return None
     records, pairs = [], []
-    for seed_dir in done:
-        seed = int(seed_dir.name.removeprefix("seed_"))
+    for seed, seed_dir in done:
         if teacher_metric is not None:
             records.append({"method": TEACHER, "seed": seed, "metric": teacher_metric, "teacher_metric": None,
                             "wall_time_s": teacher["wall_time_s"]})
